@@ -1,0 +1,124 @@
+"""Schema of `model_repository/<model>/config.yaml`: written by `trainer/`, read by `server/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from batchwire.types import TensorSpec
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+Backend = Literal["onnxruntime", "torchscript"]
+
+#: Triton `platform` string reported by ModelConfig/ModelMetadata for each backend.
+PLATFORMS: dict[str, str] = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
+
+CONFIG_FILENAME = "config.yaml"
+
+
+class TensorConfig(BaseModel):
+    """One declared input or output tensor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Tensor name, as clients send it and as the engine knows it."""
+    datatype: Datatype
+    """Open Inference Protocol datatype label (e.g. FP32)."""
+    dims: list[int]
+    """Shape without the batch dimension when `max_batch_size > 0`; -1 = variable."""
+
+    def spec(self) -> TensorSpec:
+        """The hot-path (frozen dataclass) form of this tensor."""
+        return TensorSpec(self.name, self.datatype, tuple(self.dims))
+
+
+class DynamicBatchingConfig(BaseModel):
+    """Dynamic batching policy (Triton's `dynamic_batching`, units in the names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preferred_batch_size: list[int] = Field(default_factory=list)
+    """Batch sizes (in samples) that are dispatched at once when reached."""
+    max_queue_delay_us: int = Field(default=100, ge=0)
+    """Longest the oldest queued request waits for a batch to fill."""
+    max_queue_size: int = Field(default=0, ge=0)
+    """Queued requests beyond this are rejected at once (RESOURCE_EXHAUSTED); 0 = unbounded."""
+    default_timeout_us: int = Field(default=0, ge=0)
+    """Queue timeout for requests that set none (0 = none); a request may only lower it."""
+
+
+class ModelConfig(BaseModel):
+    """Everything the server needs to know to serve one model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Model name, equal to its folder name in the repository."""
+    backend: Backend = "onnxruntime"
+    """Engine that runs the model on CPU hosts."""
+    max_batch_size: int = Field(default=0, ge=0)
+    """Largest batch (in samples) the engine accepts; 0 = the model does not batch."""
+    inputs: list[TensorConfig]
+    """Declared inputs, in the order the engine expects them."""
+    outputs: list[TensorConfig]
+    """Declared outputs."""
+    dynamic_batching: DynamicBatchingConfig | None = None
+    """Batching policy; None runs each request on its own."""
+    instance_count: int = Field(default=1, ge=1)
+    """Engine instances (each with its own thread) that may run batches concurrently."""
+    intra_op_threads: int = Field(default=1, ge=1)
+    """Intra-op threads per engine instance (1 avoids oversubscribing small hosts)."""
+    versions_served: int = Field(default=1, ge=1)
+    """How many of the highest-numbered versions to load (Triton's `latest` policy)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        for group in (self.inputs, self.outputs):
+            names = [t.name for t in group]
+            if len(names) != len(set(names)):
+                raise ValueError(f"duplicate tensor names in {names}")
+        if self.dynamic_batching is not None:
+            for size in self.dynamic_batching.preferred_batch_size:
+                if not 1 <= size <= max(self.max_batch_size, 1):
+                    raise ValueError(
+                        f"preferred_batch_size {size} outside 1..max_batch_size "
+                        f"({self.max_batch_size})"
+                    )
+        return self
+
+    @property
+    def platform(self) -> str:
+        """Triton platform string for this model's backend."""
+        return PLATFORMS[self.backend]
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read and validate `<model_dir>/config.yaml`.
+
+    Raises:
+        FileNotFoundError: the file is absent.
+        pydantic.ValidationError: the file does not match the schema.
+    """
+    data = yaml.safe_load((model_dir / CONFIG_FILENAME).read_text())
+    return ModelConfig.model_validate(data)
+
+
+def write_model_config(model_dir: Path, config: ModelConfig) -> Path:
+    """Write `config` as `<model_dir>/config.yaml` and return the path."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / CONFIG_FILENAME
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def version_dirs(model_dir: Path) -> dict[int, Path]:
+    """Numbered version folders of a model (`<model_dir>/<int>/`), by version number."""
+    return {int(p.name): p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()}

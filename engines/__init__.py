@@ -1,0 +1,1 @@
+"""Prediction system: one `Engine` per runtime (ONNX Runtime, TorchScript, later TensorRT)."""

@@ -1,0 +1,1 @@
+"""Serving system: the gRPC front door around the model runtime."""
