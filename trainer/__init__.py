@@ -1,0 +1,1 @@
+"""Training system: trains models and publishes them as versions in a model repository."""

@@ -1,0 +1,82 @@
+"""`batchwire train <model>`: the trainer's sub-command, wired into `batchwire.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def add_train_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add `train digits [options]` to a parser's sub-commands; `args.func` runs it.
+
+    Torch is not imported here (only when `run_train` runs), so building the whole CLI
+    stays cheap for `batchwire serve`.
+
+    Returns:
+        The `train` parser.
+    """
+    train = subparsers.add_parser("train", help="train a model and publish it as a new version")
+    models = train.add_subparsers(dest="model", required=True, metavar="MODEL")
+    digits = models.add_parser(
+        "digits",
+        help="small CNN on scikit-learn's bundled 8x8 digits (no download)",
+        description="Train the digits CNN, export model.onnx and model.pt, and publish them as "
+        "model_repository/digits/<next version>/ with a model card and config.yaml.",
+    )
+    digits.add_argument(
+        "--model-repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
+    )
+    digits.add_argument("--epochs", type=int, default=None, help="training epochs (default 30)")
+    digits.add_argument("--seed", type=int, default=0, help="seed of split, init and shuffle")
+    digits.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default 64)")
+    digits.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 2e-3)")
+    digits.add_argument(
+        "--version", type=int, default=None, help="version to publish (default: highest + 1)"
+    )
+    digits.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train.set_defaults(func=run_train)
+    return train
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run `batchwire train` from parsed arguments; print a one-line summary.
+
+    Returns:
+        The process exit code (0 on success).
+    """
+    if args.model != "digits":
+        raise SystemExit(f"unknown model {args.model!r}")
+    from trainer.digits import train_digits
+
+    options: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("epochs", args.epochs),
+            ("batch_size", args.batch_size),
+            ("lr", args.lr),
+        )
+        if value is not None
+    }
+    result = train_digits(
+        args.model_repository,
+        seed=args.seed,
+        progress=not args.no_progress,
+        version=args.version,
+        **options,
+    )
+    print(
+        f"digits version {result.version} -> {result.version_dir} "
+        f"(test accuracy {result.test_accuracy:.4f}, trained in {result.train_time_s:.1f} s)"
+    )
+    return 0
