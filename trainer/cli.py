@@ -15,7 +15,7 @@ DEFAULT_REPOSITORY = Path("model_repository")
 def add_train_parser(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> argparse.ArgumentParser:
-    """Add `train digits [options]` to a parser's sub-commands; `args.func` runs it.
+    """Add `train {digits,mlp64} [options]` to a parser's sub-commands; `args.func` runs it.
 
     Torch is not imported here (only when `run_train` runs), so building the whole CLI
     stays cheap for `batchwire serve`.
@@ -45,6 +45,17 @@ def add_train_parser(
         "--version", type=int, default=None, help="version to publish (default: highest + 1)"
     )
     digits.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    mlp64 = models.add_parser(
+        "mlp64",
+        help="y = relu(x @ W), W 64x64 FP32: a serving-overhead probe (no training)",
+    )
+    mlp64.add_argument(
+        "--model-repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
+    )
+    mlp64.add_argument("--seed", type=int, default=0, help="seed of the weights")
     train.set_defaults(func=run_train)
     return train
 
@@ -55,6 +66,12 @@ def run_train(args: argparse.Namespace) -> int:
     Returns:
         The process exit code (0 on success).
     """
+    if args.model == "mlp64":
+        from trainer.mlp64 import create_mlp64
+
+        version_dir = create_mlp64(args.model_repository, seed=args.seed)
+        print(f"mlp64 version {version_dir.name} -> {version_dir}")
+        return 0
     if args.model != "digits":
         raise SystemExit(f"unknown model {args.model!r}")
     from trainer.digits import train_digits

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import platform
-import shutil
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,12 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from batchwire.config import (
-    CONFIG_FILENAME,
     DynamicBatchingConfig,
     ModelConfig,
     TensorConfig,
-    version_dirs,
-    write_model_config,
 )
 from engines.loader import ENGINE_FILENAMES
 from trainer.data import (
@@ -44,6 +37,7 @@ from trainer.data import (
     dataset_sha256,
     load_digits_split,
 )
+from trainer.publish import file_sha256, next_version, publish_version, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +168,6 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def train_digits(
     model_repository: Path,
     *,
@@ -240,9 +225,7 @@ def train_digits(
         eager_probs, eager_labels = eager_probs_t.numpy(), eager_labels_t.numpy()
         test_accuracy = float(np.mean(eager_labels[:, 0] == y_test))
 
-        staging = model_dir / f".staging-{os.getpid()}-{uuid.uuid4().hex}"
-        staging.mkdir()
-        try:
+        with staging_dir(model_dir) as staging:
             onnx_path, pt_path = _export(serving, torch.from_numpy(x_test[:2]), staging)
             max_diff = {
                 "onnxruntime": _check_matches("ONNX Runtime", _run_onnx(onnx_path, x_test),
@@ -251,7 +234,7 @@ def train_digits(
                                               eager_probs, eager_labels),
             }  # fmt: skip
             config = digits_config()
-            number = version if version is not None else max(version_dirs(model_dir), default=0) + 1
+            number = version if version is not None else next_version(model_dir)
             card = _model_card(
                 number=number, seed=seed, epochs=epochs, batch_size=batch_size, lr=lr,
                 test_accuracy=test_accuracy, train_time_s=train_time_s, final_loss=final_loss,
@@ -259,10 +242,7 @@ def train_digits(
                 onnx_path=onnx_path, pt_path=pt_path, config=config, max_diff=max_diff,
             )  # fmt: skip
             (staging / MODEL_CARD_FILENAME).write_text(json.dumps(card, indent=2) + "\n")
-            version_dir = _publish(staging, model_dir, number, config)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            version_dir = publish_version(staging, model_dir, number, config)
 
     logger.info(
         "published %s version %d at %s: test accuracy %.4f, %d epochs in %.2f s",
@@ -484,16 +464,3 @@ def _model_card(
             "sklearn": sklearn.__version__,
         },
     }
-
-
-def _publish(staging: Path, model_dir: Path, number: int, config: ModelConfig) -> Path:
-    """Atomically replace `config.yaml`, then rename `staging` to `<model_dir>/<number>`."""
-    final = model_dir / str(number)
-    if final.exists():
-        raise FileExistsError(f"{final} already exists")
-    # NOTE: written inside the staging folder and renamed so readers see the old or new file whole.
-    staged_config = write_model_config(staging, config)
-    os.replace(staged_config, model_dir / CONFIG_FILENAME)
-    # NOTE: rename is atomic on one file system; the version appears complete or not at all.
-    os.rename(staging, final)
-    return final
