@@ -1,0 +1,1 @@
+"""Dynamic batching: the dispatch policy, tensor concat/split, and the batcher."""

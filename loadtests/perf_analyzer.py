@@ -1,0 +1,134 @@
+"""Run Triton's `perf_analyzer` against a batchwire server and record a table + JSON.
+
+    python -m loadtests.perf_analyzer --model digits --concurrency 1 32 [--runs 3]
+        [--address 127.0.0.1:PORT | --model-repository DIR] [--batch-size 1]
+        [--out loadtests/results/perf_analyzer_digits.json]
+
+Without `--address` it starts `batchwire serve --port 0` on the repository and stops it
+afterwards. Each concurrency is measured `--runs` times; the table shows the median run
+(by throughput) and the JSON keeps every run. Install the tool first: `make perf-analyzer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TOOL = ROOT / ".perf-analyzer" / "perf_analyzer"
+
+
+def run_once(
+    tool: Path, address: str, model: str, concurrency: int, batch_size: int, interval_ms: int
+) -> dict[str, Any]:
+    """One perf_analyzer measurement at one concurrency; returns its CSV row as numbers."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.csv"
+        cmd = [
+            str(tool), "-m", model, "-i", "grpc", "-u", address, "-b", str(batch_size),
+            "--concurrency-range", str(concurrency), "-s", "50", "--percentile", "99",
+            "-p", str(interval_ms), "-f", str(report),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 or not report.exists():
+            raise RuntimeError(
+                f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+            )
+        with report.open() as f:
+            row = next(csv.DictReader(f))
+    return {
+        "command": " ".join(cmd[:-2]),
+        "throughput_infer_s": float(row["Inferences/Second"]),
+        "p50_us": float(row["p50 latency"]),
+        "p99_us": float(row["p99 latency"]),
+        "avg_latency_us": float(row["Client Send"]) + float(row["Network+Server Send/Recv"])
+        + float(row["Server Queue"]) + float(row["Server Compute Input"])
+        + float(row["Server Compute Infer"]) + float(row["Server Compute Output"])
+        + float(row["Client Recv"]),
+        "server_queue_us": float(row["Server Queue"]),
+        "server_compute_infer_us": float(row["Server Compute Infer"]),
+    }  # fmt: skip
+
+
+def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
+    """Start `batchwire serve --port 0` and return it with its address."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchwire", "serve", "--model-repository", str(repository),
+         "--port", "0", "--log-level", "WARNING"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving on" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return proc, line.split()[3]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--interval-ms", type=int, default=3000)
+    parser.add_argument("--address", help="an already running server (default: start one)")
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--tool", type=Path, default=DEFAULT_TOOL)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    server = None
+    address = args.address
+    if address is None:
+        server, address = start_server(args.model_repository)
+    results: list[dict[str, Any]] = []
+    try:
+        for concurrency in args.concurrency:
+            runs = [
+                run_once(
+                    args.tool, address, args.model, concurrency, args.batch_size, args.interval_ms
+                )
+                for _ in range(args.runs)
+            ]
+            median = sorted(runs, key=lambda r: r["throughput_infer_s"])[len(runs) // 2]
+            results.append({"concurrency": concurrency, "median": median, "runs": runs})
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+
+    print(f"perf_analyzer -m {args.model} -i grpc -b {args.batch_size}, median of {args.runs} runs")
+    print(
+        f"{'concurrency':>11} {'infer/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'all runs infer/s':>30}"
+    )
+    for r in results:
+        m = r["median"]
+        every = ", ".join(f"{x['throughput_infer_s']:.0f}" for x in r["runs"])
+        print(
+            f"{r['concurrency']:>11} {m['throughput_infer_s']:>10.0f} {m['p50_us'] / 1000:>8.2f}"
+            f" {m['p99_us'] / 1000:>8.2f} {every:>30}"
+        )
+    out = args.out or ROOT / "loadtests" / "results" / f"perf_analyzer_{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+        "model": args.model, "batch_size": args.batch_size, "results": results,
+    }, indent=2))  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The embedded front door: one `grpc.aio` process serving a model repository."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from server.runtime import ModelRuntime
+from server.servicer import InferenceServicer
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+@dataclass(slots=True)
+class ServeSettings:
+    """How `batchwire serve` runs (CLI flags map one to one)."""
+
+    model_repository: Path
+    host: str = "127.0.0.1"
+    port: int = 8001
+    intra_op_threads: int | None = None
+    max_message_bytes: int = 64 * 1024 * 1024
+    shutdown_grace_s: float = 30.0
+
+
+class RunningServer:
+    """A started server: its bound port, runtime and servicer, and how to stop it."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        runtime: ModelRuntime,
+        servicer: InferenceServicer,
+        health_servicer: health.aio.HealthServicer,
+        port: int,
+    ) -> None:
+        self.server = server
+        self.runtime = runtime
+        self.servicer = servicer
+        self.health = health_servicer
+        self.port = port
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """Graceful stop: refuse new RPCs, finish in-flight and queued ones, then close.
+
+        NOTE: grpc's `stop(grace)` waits for in-flight RPCs, which are the ones holding
+        queued requests; the batchers keep running meanwhile and drain after it.
+        """
+        self.servicer.accepting = False
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        await self.runtime.close(drain=True)
+
+
+async def start_server(settings: ServeSettings) -> RunningServer:
+    """Load the repository, bind, and start serving; returns once the port is open."""
+    runtime = ModelRuntime(settings.model_repository, intra_op_threads=settings.intra_op_threads)
+    await runtime.start()
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    servicer = InferenceServicer(runtime)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"could not bind {settings.host}:{settings.port}")
+    await server.start()
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if runtime.ready
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    await health_servicer.set("", status)
+    await health_servicer.set(SERVICE_NAME, status)
+    return RunningServer(server, runtime, servicer, health_servicer, port)
+
+
+async def serve(settings: ServeSettings) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and return 0."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    models = ", ".join(f"{m.config.name}/{m.version}" for m in running.runtime.loaded())
+    # The one line on stdout: scripts and tests wait for it (the port matters with --port 0).
+    print(f"batchwire serving on {settings.host}:{running.port} models: {models}", flush=True)
+    try:
+        await stop.wait()
+        logger.info("shutting down: draining in-flight and queued requests")
+    finally:
+        await running.stop(settings.shutdown_grace_s)
+    logger.info("stopped")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,348 @@
+"""The model runtime: repository + engines + batchers, with no knowledge of gRPC or Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batching.batcher import DynamicBatcher
+from batching.policy import BatchPolicy
+from batchwire.config import ModelConfig, load_model_config, version_dirs
+from batchwire.datatypes import datatype_of
+from batchwire.errors import ErrorCode, InferenceError
+from batchwire.types import InferRequest, InferResponse, TensorSpec
+from engines.base import Engine
+from engines.loader import load_engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Duration:
+    """A count and the total nanoseconds they took (Triton's StatisticDuration)."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass(slots=True)
+class VersionStats:
+    """Request-level outcomes of one model version (batch-level counts live in the batcher)."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    last_inference_ms: int = 0
+
+
+@dataclass(slots=True)
+class ModelVersion:
+    """One loaded version: its engine instances, its batcher and its statistics."""
+
+    config: ModelConfig
+    version: int
+    path: Path
+    batcher: DynamicBatcher
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    stats: VersionStats = field(default_factory=VersionStats)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """A model in the repository and its state (Triton's RepositoryIndex entry)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class ModelRuntime:
+    """Serves every model in a model repository.
+
+    The front doors call `infer` with plain dataclasses; this class validates the request
+    against the model's declared inputs, hands it to the version's dynamic batcher and
+    returns the requested outputs.
+
+    Args:
+        repository: the model repository folder (`<model>/config.yaml`, `<model>/<version>/`).
+        intra_op_threads: overrides every model's `intra_op_threads` when set.
+    """
+
+    def __init__(self, repository: Path, *, intra_op_threads: int | None = None) -> None:
+        self.repository = repository
+        self.intra_op_threads = intra_op_threads
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        self._load_errors: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Load every model found in the repository (a model that fails is logged, not fatal)."""
+        for name in self.repository_models():
+            try:
+                await self.load(name)
+            except InferenceError as exc:
+                logger.error("model %s failed to load: %s", name, exc.message)
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop every batcher; with `drain`, queued requests finish first."""
+        async with self._lock:
+            models, self._models = self._models, {}
+        await asyncio.gather(
+            *(
+                v.batcher.close(drain=drain)
+                for versions in models.values()
+                for v in versions.values()
+            )
+        )
+
+    def repository_models(self) -> list[str]:
+        """Names of the model folders (those with a config.yaml) in the repository."""
+        if not self.repository.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.repository.glob("*/config.yaml"))
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model from the repository; the old versions drain afterwards.
+
+        Raises:
+            InferenceError: NOT_FOUND when the repository has no such model or no version;
+                INTERNAL when its config or engine fails to load.
+        """
+        model_dir = self.repository / name
+        if not (model_dir / "config.yaml").is_file():
+            raise InferenceError(ErrorCode.NOT_FOUND, f"model '{name}' is not in the repository")
+        try:
+            versions = await asyncio.to_thread(self._build_versions, model_dir)
+        except InferenceError as exc:
+            self._load_errors[name] = exc.message
+            raise
+        except Exception as exc:  # config or engine errors: report, keep serving others
+            self._load_errors[name] = str(exc)
+            raise InferenceError(
+                ErrorCode.INTERNAL, f"model '{name}' failed to load: {exc}"
+            ) from exc
+        for v in versions.values():
+            v.batcher.start()
+        async with self._lock:
+            old = self._models.get(name, {})
+            self._models[name] = versions
+            self._load_errors.pop(name, None)
+        for v in old.values():
+            await v.batcher.close(drain=True)
+        logger.info("loaded model %s versions %s", name, sorted(versions))
+
+    async def unload(self, name: str) -> None:
+        """Stop serving a model; its queued requests finish first.
+
+        Raises:
+            InferenceError: NOT_FOUND when the model is not loaded.
+        """
+        async with self._lock:
+            versions = self._models.pop(name, None)
+        if versions is None:
+            raise InferenceError(ErrorCode.NOT_FOUND, f"model '{name}' is not loaded")
+        for v in versions.values():
+            await v.batcher.close(drain=True)
+        logger.info("unloaded model %s", name)
+
+    def _build_versions(self, model_dir: Path) -> dict[int, ModelVersion]:
+        config = load_model_config(model_dir)
+        if config.name != model_dir.name:
+            raise InferenceError(
+                ErrorCode.INTERNAL,
+                f"config.yaml names the model '{config.name}' but its folder is '{model_dir.name}'",
+            )
+        found = version_dirs(model_dir)
+        if not found:
+            raise InferenceError(ErrorCode.NOT_FOUND, f"model '{config.name}' has no version")
+        chosen = sorted(found)[-config.versions_served :]
+        threads = self.intra_op_threads or config.intra_op_threads
+        versions: dict[int, ModelVersion] = {}
+        for number in chosen:
+            engines: list[Engine] = [
+                load_engine(config, found[number], intra_op_threads=threads)
+                for _ in range(config.instance_count)
+            ]
+            for engine in engines:
+                engine.warmup()
+            batching = config.dynamic_batching
+            policy = BatchPolicy.from_config(batching, config.max_batch_size)
+            batcher = DynamicBatcher(
+                engines,
+                policy,
+                max_queue_size=batching.max_queue_size if batching else 0,
+                default_timeout_ns=batching.default_timeout_us * 1000 if batching else 0,
+                name=f"{config.name}/{number}",
+            )
+            versions[number] = ModelVersion(
+                config=config,
+                version=number,
+                path=found[number],
+                batcher=batcher,
+                inputs=tuple(t.spec() for t in config.inputs),
+                outputs=tuple(t.spec() for t in config.outputs),
+            )
+        return versions
+
+    # ----------------------------------------------------------------- queries
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The loaded version `version` ("" = the latest loaded) of model `name`.
+
+        Raises:
+            InferenceError: NOT_FOUND for an unknown model or version.
+        """
+        versions = self._models.get(name)
+        if versions is None:
+            raise InferenceError(ErrorCode.NOT_FOUND, f"unknown model '{name}'")
+        if not version:
+            return versions[max(versions)]
+        try:
+            return versions[int(version)]
+        except (ValueError, KeyError):
+            loaded = ",".join(str(v) for v in sorted(versions))
+            raise InferenceError(
+                ErrorCode.NOT_FOUND,
+                f"unknown version '{version}' of model '{name}' (loaded: {loaded})",
+            ) from None
+
+    def versions(self, name: str) -> list[int]:
+        """Loaded version numbers of a model (empty if not loaded)."""
+        return sorted(self._models.get(name, {}))
+
+    def loaded(self) -> Iterable[ModelVersion]:
+        """Every loaded model version."""
+        for versions in self._models.values():
+            yield from versions.values()
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        """Whether the model (version) is loaded and accepting requests."""
+        try:
+            return not self.get(name, version).batcher.closed
+        except InferenceError:
+            return False
+
+    @property
+    def ready(self) -> bool:
+        """Every model found in the repository at start-up loaded."""
+        return not self._load_errors
+
+    def index(self) -> list[IndexEntry]:
+        """Every model in the repository with its state, loaded or not."""
+        entries: list[IndexEntry] = []
+        for name in sorted(set(self.repository_models()) | set(self._models)):
+            versions = self._models.get(name)
+            if versions:
+                entries.extend(IndexEntry(name, str(v), "READY") for v in sorted(versions))
+            else:
+                entries.append(
+                    IndexEntry(name, "", "UNAVAILABLE", self._load_errors.get(name, "unloaded"))
+                )
+        return entries
+
+    # ----------------------------------------------------------------- inference
+    async def infer(self, name: str, version: str, request: InferRequest) -> InferResponse:
+        """Validate a request, run it through the version's batcher, return its outputs.
+
+        Raises:
+            InferenceError: NOT_FOUND, INVALID_INPUT, QUEUE_FULL, DEADLINE_EXCEEDED,
+                UNAVAILABLE or INTERNAL.
+        """
+        model = self.get(name, version)
+        start_ns = time.monotonic_ns()
+        try:
+            validate(model, request)
+            outputs = await model.batcher.submit(
+                request.inputs, deadline_ns=request.deadline_ns, priority=request.priority
+            )
+        except BaseException:
+            model.stats.fail.add(time.monotonic_ns() - start_ns)
+            raise
+        model.stats.success.add(time.monotonic_ns() - start_ns)
+        model.stats.last_inference_ms = time.time_ns() // 1_000_000
+        if request.requested_outputs is not None:
+            outputs = {k: outputs[k] for k in request.requested_outputs}
+        return InferResponse(
+            model_name=name, model_version=str(model.version), outputs=outputs, id=request.id
+        )
+
+
+def _dims_text(dims: Iterable[int]) -> str:
+    return "[" + ",".join(str(d) for d in dims) + "]"
+
+
+def validate(model: ModelVersion, request: InferRequest) -> None:
+    """Check a request against the model's declared inputs and outputs (Triton-strict).
+
+    Raises:
+        InferenceError: INVALID_INPUT naming the tensor and what was expected.
+    """
+    config = model.config
+    name = config.name
+    inputs = request.inputs
+    declared = {spec.name for spec in model.inputs}
+    for given in inputs:
+        if given not in declared:
+            raise InferenceError(
+                ErrorCode.INVALID_INPUT,
+                f"unexpected input '{given}' for model '{name}'; expected {sorted(declared)}",
+            )
+    batch_size: int | None = None
+    batching = config.max_batch_size > 0
+    for spec in model.inputs:
+        array = inputs.get(spec.name)
+        if array is None:
+            raise InferenceError(
+                ErrorCode.INVALID_INPUT,
+                f"missing input '{spec.name}' for model '{name}'; expected {sorted(declared)}",
+            )
+        datatype = datatype_of(array)
+        if datatype != spec.datatype:
+            raise InferenceError(
+                ErrorCode.INVALID_INPUT,
+                f"input '{spec.name}': datatype {datatype} does not match the model's "
+                f"{spec.datatype}",
+            )
+        shape = array.shape
+        expected = ((-1,) if batching else ()) + spec.dims
+        if len(shape) != len(expected) or any(
+            e != -1 and s != e for s, e in zip(shape, expected, strict=True)
+        ):
+            raise InferenceError(
+                ErrorCode.INVALID_INPUT,
+                f"input '{spec.name}': shape {_dims_text(shape)} does not match the model's "
+                f"{_dims_text(expected)}",
+            )
+        if batching:
+            n = shape[0]
+            if n < 1 or n > config.max_batch_size:
+                raise InferenceError(
+                    ErrorCode.INVALID_INPUT,
+                    f"input '{spec.name}': batch size {n} is outside 1..{config.max_batch_size} "
+                    f"(max_batch_size of model '{name}')",
+                )
+            if batch_size is None:
+                batch_size = n
+            elif n != batch_size:
+                raise InferenceError(
+                    ErrorCode.INVALID_INPUT,
+                    f"input '{spec.name}': batch size {n} differs from the other inputs' "
+                    f"{batch_size}",
+                )
+    if request.requested_outputs is not None:
+        known = {spec.name for spec in model.outputs}
+        for out in request.requested_outputs:
+            if out not in known:
+                raise InferenceError(
+                    ErrorCode.INVALID_INPUT,
+                    f"unexpected output '{out}' for model '{name}'; expected {sorted(known)}",
+                )

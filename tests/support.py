@@ -1,0 +1,65 @@
+"""Test support: a real `batchwire serve` process on 127.0.0.1:0 (no protobuf imports)."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START_TIMEOUT_S = 120.0
+
+
+@dataclass
+class ServerProcess:
+    """A `batchwire serve` subprocess and the address it listens on."""
+
+    process: subprocess.Popen[str]
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        """Send SIGTERM and wait for the exit code (kills only if it hangs)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+def start_server(repository: Path, log_path: Path, *extra: str) -> ServerProcess:
+    """Start `python -m batchwire serve --port 0` and wait for its 'serving on' line."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log = log_path.open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchwire", "serve", "--model-repository", str(repository),
+         "--host", "127.0.0.1", "--port", "0", *extra],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    # NOTE: blocks on the pipe until the server prints its one stdout line (or exits).
+    ready = selector.select(timeout=START_TIMEOUT_S)
+    line = process.stdout.readline() if ready else ""
+    selector.close()
+    if "serving on" not in line:
+        process.kill()
+        process.wait()
+        raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
+    port = int(line.split()[3].rsplit(":", 1)[1])
+    return ServerProcess(process, port, log_path)
