@@ -22,10 +22,17 @@ logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 
+#: Waits shorter than this are polled rather than timed (asyncio timers have ~1 ms grain).
+SPIN_BELOW_NS = 1_500_000
+
 
 @dataclass(slots=True)
 class BatcherStats:
-    """Cumulative counters; `samples_total / batches_total` is the mean batch size."""
+    """Cumulative counters; `samples_total / batches_total` is the mean batch size.
+
+    `compute_ns_total` counts each batch once; `compute_request_ns_total` counts a batch's
+    compute time once per member request (Triton's per-request compute statistics).
+    """
 
     requests_total: int = 0
     samples_total: int = 0
@@ -36,6 +43,8 @@ class BatcherStats:
     failed: int = 0
     queue_ns_total: int = 0
     compute_ns_total: int = 0
+    computed_requests: int = 0
+    compute_request_ns_total: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
 
@@ -253,6 +262,15 @@ class DynamicBatcher:
     async def _sleep(self, wait_ns: int | None) -> None:
         """Wait for a wake-up (arrival, freed instance, close) or `wait_ns` at most."""
         assert self._loop is not None
+        if wait_ns is not None and wait_ns < SPIN_BELOW_NS:
+            # NOTE: asyncio's selector rounds timeouts up to whole milliseconds, so a
+            # 100 us timer would fire after ~1 ms. For short waits, yield one loop
+            # iteration instead (the loop still polls I/O) and decide again.
+            await asyncio.sleep(0)
+            return
+        if wait_ns is not None:
+            # Wake early by the selector's rounding; the remainder is polled as above.
+            wait_ns -= SPIN_BELOW_NS
         waiter = self._waiter = self._loop.create_future()
         handle = None
         if wait_ns is not None:
@@ -323,7 +341,10 @@ class DynamicBatcher:
                 if not pending.future.done():
                     pending.future.set_result(result)
         finally:
-            self.stats.compute_ns_total += self.clock() - start
+            elapsed = self.clock() - start
+            self.stats.compute_ns_total += elapsed
+            self.stats.computed_requests += len(batch)
+            self.stats.compute_request_ns_total += elapsed * len(batch)
             self.stats.batches_total += 1
             self.stats.samples_total += total
             self.stats.batch_sizes[total] = self.stats.batch_sizes.get(total, 0) + 1

@@ -62,8 +62,8 @@ def run_once(
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
     """Start `batchwire serve --port 0` and return it with its address."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchwire", "serve", "--model-repository", str(repository),
-         "--port", "0", "--log-level", "WARNING"],
+        [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "serve",
+         "--model-repository", str(repository), "--port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None

@@ -275,8 +275,18 @@ def _statistics(model: ModelVersion) -> pb.ModelStatistics:
     inf = out.inference_stats
     inf.success.count, inf.success.ns = stats.success.count, stats.success.ns
     inf.fail.count, inf.fail.ns = stats.fail.count, stats.fail.ns
-    inf.queue.count, inf.queue.ns = batcher.requests_total, batcher.queue_ns_total
-    inf.compute_infer.count, inf.compute_infer.ns = batcher.batches_total, batcher.compute_ns_total
+    inf.queue.count, inf.queue.ns = batcher.computed_requests, batcher.queue_ns_total
+    # NOTE: Triton counts compute per request (perf_analyzer checks the three counts are
+    # equal); concatenation and splitting are inside compute_infer here.
+    computed = batcher.computed_requests
+    inf.compute_input.count = inf.compute_output.count = computed
+    inf.compute_infer.count, inf.compute_infer.ns = computed, batcher.compute_request_ns_total
     for size, count in sorted(batcher.batch_sizes.items()):
-        out.batch_stats.add(batch_size=size, compute_infer=pb.StatisticDuration(count=count))
+        executions = pb.StatisticDuration(count=count)
+        out.batch_stats.add(
+            batch_size=size,
+            compute_input=executions,
+            compute_infer=executions,
+            compute_output=executions,
+        )
     return out
