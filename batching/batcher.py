@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
+import ctypes
 import logging
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +19,7 @@ from itertools import chain
 import numpy as np
 
 from batching.policy import BatchPolicy, Dispatch, Wait, decide
-from batching.tensors import batch_size_of, concat_inputs, split_outputs, trailing_shapes
+from batching.tensors import GroupKey, batch_size_of, concat_inputs, group_key, split_outputs
 from batchwire.errors import ErrorCode, InferenceError
 from engines.base import Engine
 
@@ -22,16 +27,32 @@ logger = logging.getLogger(__name__)
 
 Outputs = dict[str, np.ndarray]
 
-#: Waits shorter than this are polled rather than timed (asyncio timers have ~1 ms grain).
-SPIN_BELOW_NS = 1_500_000
+#: Priority level of requests that set none; its queue always exists.
+DEFAULT_PRIORITY = 0
 
 
 @dataclass(slots=True)
 class BatcherStats:
-    """Cumulative counters; `samples_total / batches_total` is the mean batch size.
+    """Cumulative counters of one batcher (Triton's statistics, by another name).
 
-    `compute_ns_total` counts each batch once; `compute_request_ns_total` counts a batch's
-    compute time once per member request (Triton's per-request compute statistics).
+    `samples_total / batches_total` is the mean batch size (Triton's
+    `nv_inference_count / nv_inference_exec_count`). `compute_ns_total` counts each batch
+    once; `compute_request_ns_total` counts a batch's compute time once per member request
+    (Triton's per-request compute statistics). Batch counts include failed batches.
+
+    Attributes:
+        requests_total: requests accepted into the queue.
+        samples_total: samples in executed batches.
+        batches_total: executed batches (engine calls).
+        rejected_queue_full: requests refused because the queue was full.
+        dropped_deadline: requests failed DEADLINE_EXCEEDED before compute.
+        cancelled: requests whose caller went away before compute (never computed).
+        failed: requests in batches that failed.
+        queue_ns_total: time computed requests spent queued, summed over requests.
+        compute_ns_total: engine time, summed over batches.
+        computed_requests: requests that reached the engine.
+        compute_request_ns_total: engine time, summed over requests.
+        batch_sizes: executed batches by size in samples.
     """
 
     requests_total: int = 0
@@ -47,31 +68,53 @@ class BatcherStats:
     compute_request_ns_total: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
 
+    @property
+    def mean_batch_size(self) -> float:
+        """Samples per executed batch (0.0 before the first batch)."""
+        return self.samples_total / self.batches_total if self.batches_total else 0.0
+
 
 @dataclass(slots=True)
 class _Pending:
+    """One queued request: with its future, the only allocation per request."""
+
     inputs: dict[str, np.ndarray]
     size: int
     future: asyncio.Future[Outputs]
     enqueued_ns: int
     deadline_ns: int | None
-    shapes: tuple[tuple[int, ...], ...]
+    priority: int
+    group: GroupKey | None
 
 
 class DynamicBatcher:
     """Queues requests and runs them in batches on a pool of engine instances.
 
     Each engine instance gets a thread of its own (engines are thread-confined), so the
-    event loop keeps accepting requests while batches compute. Up to `len(engines)`
-    batches run at once.
+    event loop keeps accepting requests while batches compute; up to `len(engines)`
+    batches run at once. Batch sizes count samples (axis 0), not requests.
+
+    Scheduling is event-driven rather than a polling task: the policy is consulted, on
+    the loop thread, only when its answer can change: a request arrives while an instance
+    is free (once per loop iteration, at its end), an instance frees up, or a `Wait` runs
+    out. So a request reaching an idle batcher with no queue delay is handed to its
+    engine thread in the next loop iteration, with no timer and no task switch, and
+    arrivals while every instance is busy cost no wake-up at all.
+
+    Requests whose inputs differ in names or per-sample shapes never share a batch (unless
+    `pad_variable_dims`): a batch ends at the first queued request that differs, which
+    then heads the next batch (see `batching.tensors.group_key`).
 
     Args:
         engines: one engine per instance, all of the same model version.
         policy: when to dispatch (sizes in samples).
         max_queue_size: queued requests beyond this are rejected at once (0 = unbounded).
-        default_timeout_ns: queue timeout for requests without a deadline (0 = none).
+        default_timeout_ns: queue timeout for requests without an earlier deadline
+            (0 = none).
         clock: monotonic nanoseconds; injectable for tests.
-        name: for logs and thread names.
+        name: for messages, logs and thread names.
+        pad_variable_dims: let requests whose variable dims differ share a batch,
+            zero-padded to the largest (only for models that mask padding).
     """
 
     def __init__(
@@ -83,61 +126,81 @@ class DynamicBatcher:
         default_timeout_ns: int = 0,
         clock: Callable[[], int] = time.monotonic_ns,
         name: str = "",
+        pad_variable_dims: bool = False,
     ) -> None:
         if not engines:
             raise ValueError("a batcher needs at least one engine instance")
+        if max_queue_size < 0 or default_timeout_ns < 0:
+            raise ValueError("max_queue_size and default_timeout_ns must be >= 0")
         self.engines = list(engines)
         self.policy = policy
         self.max_queue_size = max_queue_size
         self.default_timeout_ns = default_timeout_ns
         self.clock = clock
         self.name = name
+        self.pad = pad_variable_dims
         self.stats = BatcherStats()
-        self._queues: dict[int, deque[_Pending]] = {}
-        self._priorities: list[int] = []
+        self._unbatched = policy.max_batch_size == 0
+        # One FIFO per priority level; `_levels` lists the levels in service order.
+        self._queues: dict[int, deque[_Pending]] = {DEFAULT_PRIORITY: deque()}
+        self._levels: list[int] = [DEFAULT_PRIORITY]
         self._queued = 0
         self._free: list[int] = []
-        self._running: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
         self._executors: list[ThreadPoolExecutor] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._scheduler: asyncio.Task[None] | None = None
+        self._alarm: _Alarm | None = None
+        self._alarm_due_ns: int | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._pump_soon = False
         self._closing = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Start the scheduler in the running event loop (call once, from inside it)."""
-        if self._scheduler is not None:
-            raise RuntimeError(f"batcher {self.name} already started")
-        # NOTE: asyncio objects are created here, inside the loop that will use them.
+        """Bind to the running event loop and start the engine threads (call once, inside it).
+
+        Raises:
+            RuntimeError: already started or closed, or no event loop is running.
+        """
+        if self._loop is not None or self._closing:
+            raise RuntimeError(f"batcher {self.name!r} was already started or closed")
+        # NOTE: everything asyncio is created here, inside the loop that will use it.
         self._loop = asyncio.get_running_loop()
         self._executors = [
             ThreadPoolExecutor(1, thread_name_prefix=f"engine-{self.name}-{i}")
             for i in range(len(self.engines))
         ]
-        self._free = list(range(len(self.engines)))
-        self._scheduler = self._loop.create_task(self._schedule(), name=f"batcher-{self.name}")
+        # pop() takes from the end: instance 0 serves first, so one instance stays warm.
+        self._free = list(reversed(range(len(self.engines))))
 
     async def close(self, *, drain: bool = True) -> None:
-        """Stop accepting; with `drain` run every queued request, else fail them UNAVAILABLE."""
-        if self._closing:
-            if self._scheduler is not None:
-                await asyncio.shield(self._scheduler)
-            return
+        """Stop accepting requests, finish or fail the queued ones, release the threads.
+
+        New submits fail UNAVAILABLE from the moment this is called. Batches already
+        computing always finish. Safe to call more than once, and before `start`.
+
+        Args:
+            drain: run every queued request to completion (without waiting for the queue
+                delay); False fails them UNAVAILABLE.
+        """
         self._closing = True
         if not drain:
-            for pending in self._drain_all():
-                if not pending.future.done():
-                    pending.future.set_exception(
-                        InferenceError(ErrorCode.UNAVAILABLE, f"model {self.name} is shutting down")
-                    )
-        self._wake()
-        if self._scheduler is not None:
-            await self._scheduler
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            self._fail_queued(
+                InferenceError(ErrorCode.UNAVAILABLE, f"model {self.name} is shutting down")
+            )
+        loop = self._loop
+        if loop is not None:
+            self._pump()  # closing: nothing waits for company any more
+            if self._queued or self._in_flight:
+                if self._drained is None:
+                    self._drained = loop.create_future()
+                await asyncio.shield(self._drained)
+        if self._alarm is not None:
+            self._alarm.stop()
+            self._alarm = None
         for executor in self._executors:
             executor.shutdown(wait=True)
+        self._executors = []
 
     @property
     def closed(self) -> bool:
@@ -146,8 +209,13 @@ class DynamicBatcher:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a batch."""
+        """Requests waiting for a batch (not counting those computing)."""
         return self._queued
+
+    @property
+    def batches_in_flight(self) -> int:
+        """Batches computing on engine instances now."""
+        return self._in_flight
 
     # ------------------------------------------------------------------ submit
     async def submit(
@@ -156,15 +224,23 @@ class DynamicBatcher:
         """Queue one request and return its slice of the batch's outputs.
 
         Args:
-            inputs: name -> array; axis 0 is the batch axis when the model batches.
-            deadline_ns: monotonic time after which the request is dropped before compute.
+            inputs: name -> array; axis 0 is the batch axis when the model batches (its
+                length is the request's batch size); when `max_batch_size` is 0 they pass
+                to the engine unchanged.
+            deadline_ns: clock time after which the request is dropped before compute;
+                the batcher's `default_timeout_ns` may only make it earlier.
             priority: lower numbers are served first (0 = default).
 
+        Returns:
+            name -> this request's rows of each output (views of the batch's outputs).
+
         Raises:
-            InferenceError: QUEUE_FULL, DEADLINE_EXCEEDED, UNAVAILABLE (closing), or the
-                batch's failure (INTERNAL, or the engine's own code).
+            InferenceError: UNAVAILABLE (not started or closing), QUEUE_FULL,
+                DEADLINE_EXCEEDED, or the batch's failure (the engine's own
+                InferenceError, else INTERNAL).
         """
-        if self._closing or self._loop is None:
+        loop = self._loop
+        if loop is None or self._closing:
             raise InferenceError(
                 ErrorCode.UNAVAILABLE, f"model {self.name} is not accepting requests"
             )
@@ -180,114 +256,124 @@ class DynamicBatcher:
             default_deadline = now + self.default_timeout_ns
             if deadline_ns is None or default_deadline < deadline_ns:
                 deadline_ns = default_deadline
-        size = batch_size_of(inputs) if self.policy.max_batch_size else 1
-        future: asyncio.Future[Outputs] = self._loop.create_future()
-        pending = _Pending(inputs, size, future, now, deadline_ns, trailing_shapes(inputs))
+        if deadline_ns is not None and deadline_ns <= now:
+            self.stats.dropped_deadline += 1
+            raise InferenceError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"model {self.name}: deadline exceeded: expired after 0 us in queue",
+            )
+        if self._unbatched:
+            size, group = 1, None
+        else:
+            size, group = batch_size_of(inputs), group_key(inputs, pad_variable_dims=self.pad)
+        future: asyncio.Future[Outputs] = loop.create_future()
         queue = self._queues.get(priority)
         if queue is None:
-            queue = self._queues[priority] = deque()
-            self._priorities = sorted(self._queues)
-        queue.append(pending)
+            queue = self._add_level(priority)
+        queue.append(_Pending(inputs, size, future, now, deadline_ns, priority, group))
         self._queued += 1
         self.stats.requests_total += 1
-        self._wake()
+        if self._free and not self._pump_soon:
+            # NOTE: decide at the end of this loop iteration, not now: requests that
+            # arrive in the same iteration (a burst of RPCs read together) then share
+            # a batch instead of the first one leaving alone. No timer, no wake-up.
+            self._pump_soon = True
+            loop.call_soon(self._deferred_pump)
         return await future
 
-    # ------------------------------------------------------------------ scheduling
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    # ------------------------------------------------------------------ queues
+    def _add_level(self, priority: int) -> deque[_Pending]:
+        queue = self._queues[priority] = deque()
+        bisect.insort(self._levels, priority)
+        return queue
 
     def _in_order(self) -> Iterator[_Pending]:
-        if len(self._priorities) == 1:
-            return iter(self._queues[self._priorities[0]])
-        return chain.from_iterable(self._queues[p] for p in self._priorities)
-
-    def _drain_all(self) -> list[_Pending]:
-        items = list(self._in_order())
-        for queue in self._queues.values():
-            queue.clear()
-        self._queued = 0
-        return items
+        """Queued requests in service order: by priority level, FIFO within a level."""
+        if len(self._levels) == 1:
+            return iter(self._queues[self._levels[0]])
+        return chain.from_iterable(self._queues[level] for level in self._levels)
 
     def _oldest_ns(self) -> int:
-        # The head of every priority level; the oldest decides when the delay is up.
+        # Each level is FIFO, so the oldest request heads one of them.
+        if len(self._levels) == 1:
+            return self._queues[self._levels[0]][0].enqueued_ns
         return min(q[0].enqueued_ns for q in self._queues.values() if q)
 
     def _pop(self, n: int) -> list[_Pending]:
-        """Take up to `n` requests in priority/FIFO order with the head's per-sample shapes."""
+        """Take up to `n` requests in service order that can share the first one's batch."""
         taken: list[_Pending] = []
-        shapes: tuple[tuple[int, ...], ...] | None = None
-        for priority in self._priorities:
-            queue = self._queues[priority]
+        for level in self._levels:
+            queue = self._queues[level]
             while queue and len(taken) < n:
-                if shapes is None:
-                    shapes = queue[0].shapes
-                elif queue[0].shapes != shapes:
-                    # NOTE: different per-sample shapes cannot share a batch; this request
-                    # heads the next one.
-                    self._queued -= len(taken)
-                    return taken
+                if taken and queue[0].group != taken[0].group:
+                    # NOTE: different inputs or per-sample shapes cannot share a batch;
+                    # this request heads the next one.
+                    n = len(taken)
+                    break
                 taken.append(queue.popleft())
+            if len(taken) >= n:
+                break
         self._queued -= len(taken)
+        if len(self._levels) > 1:
+            # Forget emptied levels, so arbitrary client priorities cannot pile up.
+            for level in [lv for lv in self._levels if lv != DEFAULT_PRIORITY]:
+                if not self._queues[level]:
+                    del self._queues[level]
+                    self._levels.remove(level)
         return taken
 
-    async def _schedule(self) -> None:
-        assert self._loop is not None
-        loop = self._loop
-        while True:
-            if not self._free:
-                await self._sleep(None)
-                continue
+    def _unpop(self, requests: list[_Pending]) -> None:
+        """Put popped requests back at the head of their levels, in their order."""
+        for pending in reversed(requests):
+            queue = self._queues.get(pending.priority)
+            if queue is None:
+                queue = self._add_level(pending.priority)
+            queue.appendleft(pending)
+        self._queued += len(requests)
+
+    def _fail_queued(self, error: InferenceError) -> None:
+        for pending in self._in_order():
+            if not pending.future.done():
+                pending.future.set_exception(InferenceError(error.code, error.message))
+        for queue in self._queues.values():
+            queue.clear()
+        self._queued = 0
+
+    # ------------------------------------------------------------------ scheduling
+    def _pump(self) -> None:
+        """Dispatch every batch the policy allows now; arm the alarm if it says wait.
+
+        NOTE: runs synchronously on the loop thread (from `submit`, a finished batch, the
+        alarm or `close`), so the queue cannot change while it decides.
+        """
+        while self._free and self._queued:
+            now = self.clock()
             decision = decide(
                 self.policy,
                 (p.size for p in self._in_order()),
-                self._oldest_ns() if self._queued else 0,
-                self.clock(),
+                self._oldest_ns(),
+                now,
                 closing=self._closing,
             )
             if isinstance(decision, Dispatch):
-                batch = self._admit(self._pop(decision.n_requests))
-                if batch:
-                    instance = self._free.pop()
-                    task = loop.create_task(self._execute(instance, batch))
-                    self._running.add(task)
-                    task.add_done_callback(self._running.discard)
-                continue
-            if self._closing and not self._queued:
+                taken = self._pop(decision.n_requests)
+                batch = self._admit(taken, now)
+                if len(batch) < len(taken):
+                    # Some were dropped (expired or cancelled): give the rest back and let
+                    # the policy decide on what is really left (it may now wait).
+                    self._unpop(batch)
+                    continue
+                self._launch(batch)
+            else:
+                if isinstance(decision, Wait):
+                    self._arm(now + decision.wait_ns, decision.wait_ns)
                 return
-            await self._sleep(decision.wait_ns if isinstance(decision, Wait) else None)
 
-    async def _sleep(self, wait_ns: int | None) -> None:
-        """Wait for a wake-up (arrival, freed instance, close) or `wait_ns` at most."""
-        assert self._loop is not None
-        if wait_ns is not None and wait_ns < SPIN_BELOW_NS:
-            # NOTE: asyncio's selector rounds timeouts up to whole milliseconds, so a
-            # 100 us timer would fire after ~1 ms. For short waits, yield one loop
-            # iteration instead (the loop still polls I/O) and decide again.
-            await asyncio.sleep(0)
-            return
-        if wait_ns is not None:
-            # Wake early by the selector's rounding; the remainder is polled as above.
-            wait_ns -= SPIN_BELOW_NS
-        waiter = self._waiter = self._loop.create_future()
-        handle = None
-        if wait_ns is not None:
-            handle = self._loop.call_later(wait_ns / 1e9, self._wake)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if handle is not None:
-                handle.cancel()
-
-    def _admit(self, taken: list[_Pending]) -> list[_Pending]:
-        """Drop cancelled and expired requests before compute; return the rest."""
-        now = self.clock()
+    def _admit(self, taken: list[_Pending], now: int) -> list[_Pending]:
+        """Fail expired requests and skip cancelled ones, before compute; return the rest."""
         batch = []
         for pending in taken:
-            if pending.future.done():  # the client went away (cancelled)
+            if pending.future.done():  # the caller went away (cancelled)
                 self.stats.cancelled += 1
             elif pending.deadline_ns is not None and pending.deadline_ns <= now:
                 self.stats.dropped_deadline += 1
@@ -295,58 +381,178 @@ class DynamicBatcher:
                 pending.future.set_exception(
                     InferenceError(
                         ErrorCode.DEADLINE_EXCEEDED,
-                        f"model {self.name}: deadline exceeded after {waited_us} us in queue",
+                        f"model {self.name}: deadline exceeded: expired after {waited_us} us "
+                        "in queue",
                     )
                 )
             else:
-                self.stats.queue_ns_total += now - pending.enqueued_ns
                 batch.append(pending)
         return batch
 
-    async def _execute(self, instance: int, batch: list[_Pending]) -> None:
+    def _arm(self, due_ns: int, wait_ns: int) -> None:
+        if self._alarm_due_ns is not None and self._alarm_due_ns <= due_ns:
+            return  # an earlier alarm will re-decide anyway
         assert self._loop is not None
-        engine = self.engines[instance]
-        unbatched = self.policy.max_batch_size == 0
-        requests = [p.inputs for p in batch]
+        if self._alarm is None:
+            self._alarm = _Alarm(self._loop, self._on_alarm, f"batcher-alarm-{self.name}")
+        self._alarm_due_ns = due_ns
+        self._alarm.set(wait_ns)
+
+    def _on_alarm(self) -> None:
+        self._alarm_due_ns = None
+        self._pump()
+
+    def _deferred_pump(self) -> None:
+        self._pump_soon = False
+        self._pump()
+
+    def _launch(self, batch: list[_Pending]) -> None:
+        instance = self._free.pop()
+        self._in_flight += 1
+        now = self.clock()
+        queue_ns = 0
+        for pending in batch:
+            queue_ns += now - pending.enqueued_ns
+        self.stats.queue_ns_total += queue_ns
+        self._executors[instance].submit(self._run_batch, instance, batch)
+
+    def _run_batch(self, instance: int, batch: list[_Pending]) -> None:
+        """Compute one batch on the instance's own thread and hand the outcome to the loop.
+
+        NOTE: concatenation and slicing happen here, off the event loop. The outcome goes
+        back with one `call_soon_threadsafe` (`run_in_executor` would take two loop
+        iterations, during which the engine sits idle). Only `inputs` and `size` of the
+        pending records are read here; their futures belong to the loop.
+        """
+        assert self._loop is not None
         sizes = [p.size for p in batch]
-        total = sum(sizes)
-
-        def work() -> list[Outputs]:
-            # NOTE: runs on the instance's own thread: concatenation and slicing happen
-            # off the event loop too.
-            if unbatched:
-                return [engine.infer(requests[0])]
-            merged, _ = concat_inputs(requests)
-            return split_outputs(engine.infer(merged), sizes)
-
         start = self.clock()
+        outcome: list[Outputs] | BaseException
         try:
-            results = await self._loop.run_in_executor(self._executors[instance], work)
-        except BaseException as exc:
-            self.stats.failed += len(batch)
-            error = (
-                exc
-                if isinstance(exc, InferenceError)
-                else InferenceError(ErrorCode.INTERNAL, f"engine failed: {exc}")
+            engine = self.engines[instance]
+            if self._unbatched:
+                outcome = [engine.infer(batch[0].inputs)]
+            else:
+                inputs, _ = concat_inputs([p.inputs for p in batch])
+                outcome = split_outputs(engine.infer(inputs), sizes)
+        except BaseException as exc:  # whatever it is, it belongs to this batch's callers
+            outcome = exc
+        elapsed_ns = self.clock() - start
+        try:
+            self._loop.call_soon_threadsafe(
+                self._finish, instance, batch, sum(sizes), outcome, elapsed_ns
             )
-            if not isinstance(exc, InferenceError):
-                logger.warning("batch of %d on %s failed: %r", total, self.name, exc)
-            for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        else:
-            for pending, result in zip(batch, results, strict=True):
-                if not pending.future.done():
-                    pending.future.set_result(result)
+        except RuntimeError:  # the loop closed under a computing batch: nobody is waiting
+            logger.error("model %s: event loop closed while a batch computed", self.name)
+
+    def _finish(
+        self,
+        instance: int,
+        batch: list[_Pending],
+        total: int,
+        outcome: list[Outputs] | BaseException,
+        elapsed_ns: int,
+    ) -> None:
+        self._free.append(instance)
+        self._in_flight -= 1
+        stats = self.stats
+        stats.batches_total += 1
+        stats.samples_total += total
+        stats.batch_sizes[total] = stats.batch_sizes.get(total, 0) + 1
+        stats.compute_ns_total += elapsed_ns
+        stats.computed_requests += len(batch)
+        stats.compute_request_ns_total += elapsed_ns * len(batch)
+        try:
+            # NOTE: start the next batch before waking this one's callers, so the engine
+            # is busy again while the loop runs their continuations.
+            self._pump()
         finally:
-            elapsed = self.clock() - start
-            self.stats.compute_ns_total += elapsed
-            self.stats.computed_requests += len(batch)
-            self.stats.compute_request_ns_total += elapsed * len(batch)
-            self.stats.batches_total += 1
-            self.stats.samples_total += total
-            self.stats.batch_sizes[total] = self.stats.batch_sizes.get(total, 0) + 1
-            self._free.append(instance)
-            self._wake()
+            if isinstance(outcome, BaseException):
+                self._fail_batch(batch, total, outcome)
+            else:
+                for pending, result in zip(batch, outcome, strict=True):
+                    if not pending.future.done():
+                        pending.future.set_result(result)
+            drained = self._drained
+            idle = not (self._queued or self._in_flight)
+            if idle and drained is not None and not drained.done():
+                drained.set_result(None)
+
+    def _fail_batch(self, batch: list[_Pending], total: int, exc: BaseException) -> None:
+        self.stats.failed += len(batch)
+        if isinstance(exc, InferenceError):
+            code, message = exc.code, exc.message
+        else:
+            code, message = ErrorCode.INTERNAL, f"engine failed: {exc}"
+            logger.warning("model %s: batch of %d samples failed", self.name, total, exc_info=exc)
+        for pending in batch:
+            if not pending.future.done():
+                # One error object per caller: a shared one would grow a traceback per await.
+                error = InferenceError(code, message)
+                error.__cause__ = exc
+                pending.future.set_exception(error)
+
+
+_PR_SET_TIMERSLACK = 29
+
+
+def _tighten_timer_slack() -> None:
+    """Ask Linux to wake this thread on time: its default timer slack adds ~50 us."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
+
+
+class _Alarm:
+    """Calls `callback` on the event loop after a delay, with sub-millisecond precision.
+
+    Why a thread: asyncio's selector rounds timeouts up to whole milliseconds, so
+    `call_later` turns a 100 us queue delay into ~1 ms, and polling the loop instead
+    burns a core for the whole delay. A thread waiting on a condition wakes within tens
+    of microseconds and hands the callback over with `call_soon_threadsafe` (the same
+    wake-up the loop gets when an executor finishes). Created on the first `Wait`.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None], name: str
+    ) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._cond = threading.Condition()
+        self._due_s: float | None = None  # time.monotonic() when to fire
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def set(self, delay_ns: int) -> None:
+        """Fire after `delay_ns` (or earlier, if already due earlier)."""
+        due_s = time.monotonic() + delay_ns / 1e9
+        with self._cond:
+            if self._due_s is None or due_s < self._due_s:
+                self._due_s = due_s
+                self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop the thread; a pending alarm never fires."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        _tighten_timer_slack()
+        with self._cond:
+            while not self._stopped:
+                if self._due_s is None:
+                    self._cond.wait()
+                    continue
+                remaining_s = self._due_s - time.monotonic()
+                if remaining_s > 0:
+                    self._cond.wait(remaining_s)
+                    continue
+                self._due_s = None
+                try:
+                    self._loop.call_soon_threadsafe(self._callback)
+                except RuntimeError:  # the loop is closed: nobody left to wake
+                    return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -21,27 +22,92 @@ def concat_inputs(
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """Concatenate requests along axis 0; returns the batch and each request's size.
 
-    A single request passes through with no copy.
+    A single request passes through with no copy. Where requests' per-sample shapes
+    differ (variable dims, e.g. token sequences), each is zero-padded at the end of every
+    axis to the largest; only models that mask padding may be batched that way (the
+    batcher's `pad_variable_dims`; otherwise it never mixes shapes, see `group_key`).
+
+    Args:
+        requests_inputs: each request's inputs (name -> array, axis 0 = batch axis), all
+            with the same input names.
+
+    Returns:
+        The batch (name -> array) and each request's batch size, in order.
+
+    Raises:
+        InferenceError: INVALID_INPUT when requests name different inputs or an input's
+            rank differs between them.
     """
     sizes = [batch_size_of(inputs) for inputs in requests_inputs]
     if len(requests_inputs) == 1:
         return requests_inputs[0], sizes
-    first = requests_inputs[0]
-    batch = {name: np.concatenate([r[name] for r in requests_inputs]) for name in first}
+    names = requests_inputs[0].keys()
+    if any(r.keys() != names for r in requests_inputs):
+        raise InferenceError(
+            ErrorCode.INVALID_INPUT,
+            f"requests with different inputs cannot share a batch: "
+            f"{sorted({tuple(r) for r in requests_inputs})}",
+        )
+    batch = {}
+    for name in names:
+        arrays = [r[name] for r in requests_inputs]
+        tail = arrays[0].shape[1:]
+        if any(a.shape[1:] != tail for a in arrays):
+            if any(a.ndim != arrays[0].ndim for a in arrays):
+                raise InferenceError(
+                    ErrorCode.INVALID_INPUT,
+                    f"input '{name}': requests of different rank cannot share a batch "
+                    f"({sorted({a.shape for a in arrays})})",
+                )
+            arrays = _pad_to_largest(arrays)
+        batch[name] = np.concatenate(arrays)
     return batch, sizes
 
 
-def pad_batch(batch: dict[str, np.ndarray], target_size: int) -> dict[str, np.ndarray]:
-    """Pad every input to `target_size` rows by repeating its last row (engine buckets)."""
+def _pad_to_largest(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    largest = np.max([a.shape[1:] for a in arrays], axis=0)
+    padded = []
+    for a in arrays:
+        widths = [(0, 0)] + [(0, int(m - d)) for d, m in zip(a.shape[1:], largest, strict=True)]
+        padded.append(np.pad(a, widths) if any(w for _, w in widths) else a)
+    return padded
+
+
+def pad_batch(
+    batch: dict[str, np.ndarray],
+    target_size: int,
+    *,
+    fill: Literal["repeat", "zeros"] = "repeat",
+) -> dict[str, np.ndarray]:
+    """Pad every input to `target_size` rows, for engines built for fixed bucket sizes.
+
+    `split_outputs` drops the padding rows again. Inputs already at `target_size` pass
+    through with no copy; others are copied once into a new array.
+
+    Args:
+        batch: name -> array, axis 0 = batch axis.
+        target_size: rows each input has afterwards.
+        fill: "repeat" copies the last row (keeps padding in the data's own range, which
+            some models need, e.g. no all-zero attention masks); "zeros" zero-fills.
+
+    Raises:
+        ValueError: an input already has more than `target_size` rows.
+    """
     out = {}
     for name, array in batch.items():
-        missing = target_size - array.shape[0]
-        if missing < 0:
-            raise ValueError(f"batch of {array.shape[0]} exceeds the target size {target_size}")
-        if missing == 0:
+        rows = array.shape[0]
+        if rows > target_size:
+            raise ValueError(f"input '{name}': batch of {rows} exceeds the target {target_size}")
+        if rows == target_size:
             out[name] = array
+            continue
+        padded = np.empty((target_size, *array.shape[1:]), dtype=array.dtype)
+        padded[:rows] = array
+        if fill == "repeat" and rows:
+            padded[rows:] = array[-1]
         else:
-            out[name] = np.concatenate([array, np.repeat(array[-1:], missing, axis=0)])
+            padded[rows:] = 0
+        out[name] = padded
     return out
 
 
@@ -49,6 +115,16 @@ def split_outputs(
     outputs: dict[str, np.ndarray], sizes: Sequence[int]
 ) -> list[dict[str, np.ndarray]]:
     """Slice a batch's outputs back into per-request views (trailing padding is dropped).
+
+    The results are views of the engine's arrays (no copy); a single request that owns
+    every row gets the engine's dict itself.
+
+    Args:
+        outputs: the engine's outputs, axis 0 = batch axis.
+        sizes: each request's batch size, in batch order.
+
+    Returns:
+        One dict of outputs per request, in order.
 
     Raises:
         InferenceError: INTERNAL when an output has fewer rows than the batch.
@@ -72,6 +148,22 @@ def split_outputs(
     return result
 
 
-def trailing_shapes(inputs: dict[str, np.ndarray]) -> tuple[tuple[int, ...], ...]:
-    """The per-sample shapes of a request's inputs: requests batch together only if equal."""
-    return tuple(array.shape[1:] for array in inputs.values())
+#: What requests must have in common to share a batch (see `group_key`).
+GroupKey = tuple[tuple[str, tuple[int, ...] | None], ...]
+
+
+def group_key(inputs: dict[str, np.ndarray], *, pad_variable_dims: bool = False) -> GroupKey:
+    """What a request must share with others to ride in one batch.
+
+    Requests share a batch only if they name the same inputs and, unless variable dims
+    are zero-padded per batch (`pad_variable_dims`), have the same per-sample shapes;
+    the batcher starts a new batch at the first request whose key differs, so a request
+    of another shape waits for the next batch rather than being rejected.
+
+    Args:
+        inputs: one request's inputs.
+        pad_variable_dims: the batcher pads variable dims, so shapes need not match.
+    """
+    if pad_variable_dims:
+        return tuple((name, None) for name in inputs)
+    return tuple((name, array.shape[1:]) for name, array in inputs.items())

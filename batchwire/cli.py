@@ -1,4 +1,4 @@
-"""`batchwire` command line: `train` a model into the repository, `serve` the repository."""
+"""`batchwire` command line: `train`/`import` models into the repository, `serve` it."""
 
 from __future__ import annotations
 
@@ -20,13 +20,18 @@ def _serve(args: argparse.Namespace) -> int:
         intra_op_threads=args.intra_op_threads,
         max_message_bytes=args.max_message_bytes,
         shutdown_grace_s=args.shutdown_grace_s,
+        reuse_port=args.reuse_port,
     )
+    if args.workers > 1:
+        from server.workers import serve_workers
+
+        return serve_workers(settings, args.workers, args.log_level)
     return asyncio.run(serve(settings))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `batchwire` command."""
-    from trainer.cli import add_train_parser
+    from trainer.cli import add_import_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="batchwire", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -54,9 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port via SO_REUSEPORT, each with its own runtime",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT (set on each --workers process; rarely needed by hand)",
+    )
     serve.set_defaults(func=_serve)
 
     add_train_parser(sub)
+    add_import_parser(sub)
     return parser
 
 

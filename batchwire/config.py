@@ -34,6 +34,8 @@ class TensorConfig(BaseModel):
     """Open Inference Protocol datatype label (e.g. FP32)."""
     dims: list[int]
     """Shape without the batch dimension when `max_batch_size > 0`; -1 = variable."""
+    optional: bool = False
+    """An input a request may leave out (Triton's `optional`); see `TokenizerConfig`."""
 
     def spec(self) -> TensorSpec:
         """The hot-path (frozen dataclass) form of this tensor."""
@@ -53,6 +55,47 @@ class DynamicBatchingConfig(BaseModel):
     """Queued requests beyond this are rejected at once (RESOURCE_EXHAUSTED); 0 = unbounded."""
     default_timeout_us: int = Field(default=0, ge=0)
     """Queue timeout for requests that set none (0 = none); a request may only lower it."""
+
+
+class TokenizerConfig(BaseModel):
+    """Server-side tokenisation of a text input (a Hugging Face fast tokenizer file).
+
+    A request sends either `text_input` (BYTES, one UTF-8 string per sample) or the
+    pre-tokenised `input_ids` + `attention_mask`; the server tokenises text before
+    batching, and the batcher pads the sequence axis per batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_input: str = "TEXT"
+    """Name of the BYTES input holding the text."""
+    path: str = "tokenizer.json"
+    """The tokenizer file, relative to the version folder."""
+    max_length: int = Field(default=256, ge=1)
+    """Longer texts are truncated to this many tokens."""
+    input_ids: str = "input_ids"
+    """Engine input that receives the token ids (INT64)."""
+    attention_mask: str = "attention_mask"
+    """Engine input that receives the attention mask (INT64)."""
+
+
+class CpuLaneConfig(BaseModel):
+    """The CPU-concurrency lane: cheap requests skip the batch queue.
+
+    Routing rule: a request with at most `max_samples` samples runs at once on a free
+    lane instance, with no batching delay; when every lane instance is busy (or the
+    request is larger) it goes to the dynamic batcher, where load forms batches.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_samples: int = Field(default=1, ge=1)
+    """Requests with at most this many samples are eligible for the lane."""
+    instances: int = Field(default=1, ge=1)
+    """Engine instances in the lane's pool, each on its own thread."""
+    inline: bool = False
+    """Run on the event loop thread itself (one at a time, no thread hand-off): only for
+    models whose compute takes microseconds, or the loop stalls while they run."""
 
 
 class ModelConfig(BaseModel):
@@ -78,6 +121,13 @@ class ModelConfig(BaseModel):
     """Intra-op threads per engine instance (1 avoids oversubscribing small hosts)."""
     versions_served: int = Field(default=1, ge=1)
     """How many of the highest-numbered versions to load (Triton's `latest` policy)."""
+    tokenizer: TokenizerConfig | None = None
+    """Tokenise a BYTES text input in the server before batching (None = no text input)."""
+    pad_variable_dims: bool = False
+    """Batch requests whose variable (-1) dims differ by zero-padding them to the largest;
+    only for models that mask padding (attention_mask)."""
+    cpu_lane: CpuLaneConfig | None = None
+    """Route cheap requests to a bounded pool with no batching delay (None = batcher only)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

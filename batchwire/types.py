@@ -43,9 +43,13 @@ class InferRequest:
 
 @dataclass(slots=True)
 class InferResponse:
-    """The result of one `InferRequest`: outputs keep the request's batch size on axis 0."""
+    """The result of one `InferRequest`: outputs keep the request's batch size on axis 0.
+
+    `parameters` travel back as response parameters (e.g. which lane served it).
+    """
 
     model_name: str
     model_version: str
     outputs: dict[str, np.ndarray]
     id: str = ""
+    parameters: dict[str, str | int | bool] = field(default_factory=dict)

@@ -56,21 +56,33 @@ def load_engine(
             f"{version_dir} (backend {config.backend})",
         )
     threads = intra_op_threads if intra_op_threads is not None else config.intra_op_threads
-    inputs = tuple(t.spec() for t in config.inputs)
+    tokenizer = config.tokenizer
+    # With a tokenizer, the text input is the wrapper's; the model file takes token ids.
+    inputs = tuple(
+        t.spec() for t in config.inputs if tokenizer is None or t.name != tokenizer.text_input
+    )
     outputs = tuple(t.spec() for t in config.outputs)
     logger.info(
         "loading %s version %s with %s (%d intra-op threads)",
         config.name, version_dir.name, config.backend, threads,
     )  # fmt: skip
+    engine: Engine
     if config.backend == "torchscript":
         from engines.torchscript import TorchScriptEngine
 
-        return TorchScriptEngine(
+        engine = TorchScriptEngine(
             path, inputs, outputs, config.max_batch_size, intra_op_threads=threads
         )
-    from engines.ort import OrtEngine
+    else:
+        from engines.ort import OrtEngine
 
-    return OrtEngine(path, inputs, outputs, config.max_batch_size, intra_op_threads=threads)
+        engine = OrtEngine(path, inputs, outputs, config.max_batch_size, intra_op_threads=threads)
+    if tokenizer is not None:
+        from engines.text import TokenizingEngine
+
+        all_inputs = tuple(t.spec() for t in config.inputs)
+        engine = TokenizingEngine(engine, all_inputs, tokenizer, version_dir)
+    return engine
 
 
 def zero_inputs(

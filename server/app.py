@@ -33,6 +33,8 @@ class ServeSettings:
     intra_op_threads: int | None = None
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 30.0
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT (set for the workers of `--workers N`, which share a port)."""
 
 
 class RunningServer:
@@ -71,7 +73,9 @@ async def start_server(settings: ServeSettings) -> RunningServer:
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # NOTE: off unless asked: otherwise a second server on the same port would
+        # silently share its traffic instead of failing to bind.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
     servicer = InferenceServicer(runtime)

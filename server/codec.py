@@ -163,6 +163,14 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     out = pb.ModelInferResponse(
         model_name=response.model_name, model_version=response.model_version, id=response.id
     )
+    for key, value in response.parameters.items():
+        param = out.parameters[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        else:
+            param.string_param = value
     raws = out.raw_output_contents
     for name, array in response.outputs.items():
         datatype = datatype_of(array)

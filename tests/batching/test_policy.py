@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from batching.policy import IDLE, BatchPolicy, Dispatch, Wait, decide
+from batchwire.config import DynamicBatchingConfig
 
 US = 1000
 POLICY = BatchPolicy(max_batch_size=8, preferred_batch_sizes=(4,), max_queue_delay_ns=500 * US)
@@ -42,8 +44,34 @@ def test_largest_reachable_preferred_size_wins() -> None:
     assert decide(policy, [1, 1, 1, 1, 1], 0, 0) == Dispatch(4)
 
 
+def test_once_the_delay_is_up_everything_that_fits_goes() -> None:
+    # Preferred sizes shape batches only while the delay runs (Triton's rule).
+    assert decide(POLICY, [2, 2, 1], 0, 499 * US) == Dispatch(2)
+    assert decide(POLICY, [2, 2, 1], 0, 500 * US) == Dispatch(3)
+    assert decide(POLICY, [2, 2, 1, 4], 0, 500 * US) == Dispatch(3)  # still within max
+
+
 def test_closing_drains_without_waiting() -> None:
     assert decide(POLICY, [1], 0, 0, closing=True) == Dispatch(1)
+    assert decide(POLICY, [2, 2, 1], 0, 0, closing=True) == Dispatch(3)
+    assert decide(POLICY, [], 0, 0, closing=True) == IDLE
+
+
+def test_a_lone_request_larger_than_max_still_goes_alone() -> None:
+    assert decide(POLICY, [9, 1], 0, 0) == Dispatch(1)
+
+
+def test_policy_from_config_converts_units_and_sorts_preferred_sizes() -> None:
+    config = DynamicBatchingConfig(preferred_batch_size=[32, 16, 32], max_queue_delay_us=250)
+    assert BatchPolicy.from_config(config, 64) == BatchPolicy(64, (16, 32), 250_000)
+    assert BatchPolicy.from_config(None, 8) == BatchPolicy(8, (), 0)
+
+
+def test_policy_rejects_preferred_sizes_outside_the_batch() -> None:
+    with pytest.raises(ValueError, match="preferred batch size 9"):
+        BatchPolicy(8, (9,), 0)
+    with pytest.raises(ValueError):
+        BatchPolicy(8, (), -1)
 
 
 def test_unbatched_model_runs_one_request_at_a_time() -> None:
@@ -55,6 +83,28 @@ def test_unbatched_model_runs_one_request_at_a_time() -> None:
 def test_zero_delay_dispatches_what_is_there() -> None:
     policy = BatchPolicy(max_batch_size=8)
     assert decide(policy, [1, 2], 5, 5) == Dispatch(2)
+
+
+@given(
+    sizes=st.lists(st.integers(1, 8), min_size=1, max_size=30),
+    waited=st.integers(0, 1000 * US),
+)
+def test_a_dispatch_takes_the_largest_batch_the_rules_allow(sizes: list[int], waited: int) -> None:
+    decision = decide(POLICY, sizes, 0, waited)
+    totals = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+    fitting = [t for t in totals if t <= POLICY.max_batch_size]
+    if isinstance(decision, Dispatch):
+        chosen = sum(sizes[: decision.n_requests])
+        full = len(fitting) < len(sizes) or fitting[-1] == POLICY.max_batch_size
+        if full or waited >= POLICY.max_queue_delay_ns:
+            # full or delay up: everything that fits (at least one request)
+            assert decision.n_requests == max(len(fitting), 1)
+        else:
+            # only a preferred size dispatches early, and the largest one reached
+            assert chosen == max(t for t in fitting if t in POLICY.preferred_batch_sizes)
+    else:
+        assert decision == Wait(POLICY.max_queue_delay_ns - waited)
+        assert not set(fitting) & set(POLICY.preferred_batch_sizes)
 
 
 @given(

@@ -116,10 +116,12 @@ def test_model_card(first: TrainResult) -> None:
     assert set(card["packages"]) == {"python", "torch", "onnx", "onnxruntime", "numpy", "sklearn"}
     assert card["packages"]["torch"] == torch.__version__
     assert max(card["export_max_abs_diff"].values()) <= 1e-5
-    assert card["inputs"] == [{"name": "INPUT", "datatype": "FP32", "dims": [1, 8, 8]}]
+    assert card["inputs"] == [
+        {"name": "INPUT", "datatype": "FP32", "dims": [1, 8, 8], "optional": False}
+    ]
     assert card["outputs"] == [
-        {"name": "PROBABILITIES", "datatype": "FP32", "dims": [10]},
-        {"name": "LABEL", "datatype": "INT64", "dims": [1]},
+        {"name": "PROBABILITIES", "datatype": "FP32", "dims": [10], "optional": False},
+        {"name": "LABEL", "datatype": "INT64", "dims": [1], "optional": False},
     ]
 
 
