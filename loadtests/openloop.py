@@ -162,7 +162,7 @@ def build_request(
         metadata = address_or_stub
     elif isinstance(address_or_stub, str):
         with grpc.insecure_channel(check_loopback(address_or_stub)) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
             metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30.0)
     else:
         metadata = address_or_stub.ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=30.0)
