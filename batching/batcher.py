@@ -343,8 +343,9 @@ class DynamicBatcher:
     def _pump(self) -> None:
         """Dispatch every batch the policy allows now; arm the alarm if it says wait.
 
-        NOTE: runs synchronously on the loop thread (from `submit`, a finished batch, the
-        alarm or `close`), so the queue cannot change while it decides.
+        NOTE: runs synchronously on the loop thread (after arrivals, when a batch
+        finishes, from the alarm and from `close`), so the queue cannot change while it
+        decides.
         """
         while self._free and self._queued:
             now = self.clock()
