@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from batchwire.config import DynamicBatchingConfig, ModelConfig, TensorConfig
+from batchwire.config import CpuLaneConfig, DynamicBatchingConfig, ModelConfig, TensorConfig
 from trainer.publish import file_sha256, next_version, publish_version, staging_dir
 
 NAME = "mlp64"
@@ -18,6 +18,9 @@ MAX_BATCH_SIZE = 256
 #: A short delay: the model costs microseconds, so waiting long only adds latency.
 MAX_QUEUE_DELAY_US = 100
 MAX_QUEUE_SIZE = 4096
+#: Requests up to this many samples run inline on the event loop (CPU lane): the matmul
+#: takes microseconds, less than a hand-off to an engine thread would.
+CPU_LANE_MAX_SAMPLES = 16
 
 
 def mlp64_config() -> ModelConfig:
@@ -31,6 +34,7 @@ def mlp64_config() -> ModelConfig:
         dynamic_batching=DynamicBatchingConfig(
             max_queue_delay_us=MAX_QUEUE_DELAY_US, max_queue_size=MAX_QUEUE_SIZE
         ),
+        cpu_lane=CpuLaneConfig(max_samples=CPU_LANE_MAX_SAMPLES, instances=1, inline=True),
     )
 
 
