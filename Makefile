@@ -50,3 +50,16 @@ perf-analyzer:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Side-by-side benchmark (issue #3): batchwire, MLServer, PyTriton and a bare grpc.aio servicer
+# serving mlp64, measured one after another with perf_analyzer (see loadtests/bench.py).
+# Creates the peers' venvs (loadtests/peers/setup.sh) and perf_analyzer when missing.
+# Arguments: make bench BENCH_ARGS="--concurrency 1 32 --runs 3".
+BENCH_ARGS ?=
+.PHONY: bench
+bench: venv .perf-analyzer/perf_analyzer
+	PYTHON=$(PYTHON) loadtests/peers/setup.sh
+	$(PY) -m loadtests.bench $(BENCH_ARGS)
+
+.perf-analyzer/perf_analyzer:
+	../shared/tools/install-perf-analyzer.sh .perf-analyzer

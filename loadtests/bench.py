@@ -1,0 +1,426 @@
+"""Side-by-side benchmark: batchwire, MLServer, PyTriton and a bare grpc.aio servicer on mlp64.
+
+    python -m loadtests.bench [--servers batchwire mlserver pytriton bare] [--concurrency 1 32]
+        [--runs 3] [--interval-ms 3000] [--out loadtests/results/bench.json]
+        [--openloop-rates R ...] [--openloop-duration-s 10]
+
+`make bench` runs it after creating every environment (`loadtests/peers/setup.sh`, the
+perf_analyzer install). Every server serves the same mlp64 (y = relu(x @ W), W 64x64 FP32,
+seed 0) on 127.0.0.1, and is checked to answer relu(x @ W) before it is measured.
+
+The measurement is Triton's perf_analyzer, closed loop:
+`perf_analyzer -m mlp64 -i grpc -u ADDR -b 1 --concurrency-range C -s 50 --percentile 99
+-p INTERVAL -f CSV`, `--runs` times per server and concurrency. Servers run one at a time
+(never two at once: the box has 2 cores, shared with the load tool) and in rounds: each
+round starts every server in turn, measures each concurrency once and stops it, so slow drift
+of the machine spreads over all servers instead of landing on one. The table shows the
+median run by throughput and batchwire's throughput over each server's; the JSON keeps
+every run, every command, the date, the machine and the versions.
+
+`--openloop-rates` also runs the open-loop generator (`python -m loadtests.openloop`, when the
+repository has it) against each server in the last round, after perf_analyzer, and keeps its
+JSON. Mean batch size comes from perf_analyzer's server statistics (batchwire, Triton);
+MLServer and the bare servicer have no ModelStatistics RPC, so it shows as `-`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from loadtests.peers import launch
+from loadtests.peers.model import NAME as MODEL
+
+logger = logging.getLogger(__name__)
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+DEFAULT_TOOL: Final = ROOT / ".perf-analyzer" / "perf_analyzer"
+DEFAULT_OUT: Final = ROOT / "loadtests" / "results" / "bench.json"
+BASELINE: Final = "batchwire"
+#: Bound on one perf_analyzer process (its own windows end far sooner; -s 50 may retry).
+PERF_ANALYZER_TIMEOUT_S: Final = 300
+#: The packages whose versions each environment reports in the JSON.
+VERSION_PACKAGES: Final = {
+    "batchwire": ("batchwire", "grpcio", "protobuf", "numpy", "onnxruntime"),
+    "bare": ("grpcio", "protobuf", "numpy"),
+    "mlserver": ("mlserver", "uvloop", "grpcio", "protobuf", "numpy"),
+    "pytriton": ("nvidia-pytriton", "grpcio", "numpy"),
+}
+
+#: Hook for further load tools: (server name, address, scratch dir) -> JSON-able result.
+LoadHook = Callable[[str, str, Path], dict[str, Any]]
+
+
+def perf_analyzer_command(
+    tool: Path, address: str, concurrency: int, interval_ms: int, report: Path
+) -> list[str]:
+    """perf_analyzer's command line for one measurement of mlp64 at one concurrency."""
+    return [
+        str(tool), "-m", MODEL, "-i", "grpc", "-u", address, "-b", "1",
+        "--concurrency-range", str(concurrency), "-s", "50", "--percentile", "99",
+        "-p", str(interval_ms), "-f", str(report),
+    ]  # fmt: skip
+
+
+_SERVER_COUNTS: Final = re.compile(r"Inference count: (\d+)\s+Execution count: (\d+)")
+
+
+def parse_report(csv_text: str, stdout: str) -> dict[str, Any]:
+    """One perf_analyzer run as numbers: the CSV row, plus mean batch size from its stdout.
+
+    Server-side columns exist only when the server answers ModelStatistics; they are None
+    otherwise, as is the mean batch size.
+    """
+    row = next(csv.DictReader(csv_text.splitlines()))
+
+    def column(name: str) -> float | None:
+        value = row.get(name)
+        return float(value) if value not in (None, "") else None
+
+    counts = _SERVER_COUNTS.search(stdout)
+    mean_batch = None
+    if counts and int(counts.group(2)) > 0:
+        mean_batch = int(counts.group(1)) / int(counts.group(2))
+    return {
+        "throughput_infer_s": float(row["Inferences/Second"]),
+        "p50_us": float(row["p50 latency"]),
+        "p90_us": column("p90 latency"),
+        "p99_us": float(row["p99 latency"]),
+        "server_queue_us": column("Server Queue"),
+        "server_compute_infer_us": column("Server Compute Infer"),
+        "mean_batch_size": mean_batch,
+    }
+
+
+def run_perf_analyzer(
+    tool: Path, address: str, concurrency: int, interval_ms: int
+) -> dict[str, Any]:
+    """One bounded perf_analyzer measurement; raises RuntimeError when it fails."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        report = Path(tmp) / "report.csv"
+        cmd = perf_analyzer_command(tool, address, concurrency, interval_ms, report)
+        # Other work on this shared box shows here (2 cores: above ~2 means contention).
+        load_avg_1m = os.getloadavg()[0]
+        started = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PERF_ANALYZER_TIMEOUT_S)
+        wall_s = time.monotonic() - started
+        if proc.returncode != 0 or not report.exists():
+            output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            raise RuntimeError(f"perf_analyzer failed ({proc.returncode}):\n{output}")
+        result = parse_report(report.read_text(), proc.stdout)
+    return {
+        "command": " ".join(cmd[:-1] + ["report.csv"]),
+        "concurrency": concurrency,
+        "wall_s": round(wall_s, 2),
+        "load_avg_1m_before": round(load_avg_1m, 2),
+        **result,
+    }
+
+
+def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The median run by throughput (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r["throughput_infer_s"])[len(runs) // 2]
+
+
+@dataclass(slots=True)
+class Cell:
+    """Every run of one server at one concurrency."""
+
+    server: str
+    concurrency: int
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def median(self) -> dict[str, Any] | None:
+        return median_run(self.runs) if self.runs else None
+
+
+def throughput_ratio(cells: Sequence[Cell], cell: Cell, baseline: str = BASELINE) -> float | None:
+    """batchwire's median throughput over `cell`'s, at the same concurrency."""
+    base = next(
+        (c for c in cells if c.server == baseline and c.concurrency == cell.concurrency), None
+    )
+    if base is None or base.median is None or cell.median is None:
+        return None
+    return float(base.median["throughput_infer_s"] / cell.median["throughput_infer_s"])
+
+
+def format_table(cells: Sequence[Cell], baseline: str = BASELINE) -> str:
+    """The one table: median run per server and concurrency, and batchwire/peer throughput."""
+    header = (
+        f"{'server':<10} {'conc':>4} {'infer/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'batch':>6}"
+        f" {baseline + '/peer':>15}  all runs infer/s"
+    )
+    lines = [header, "-" * len(header)]
+    for cell in sorted(cells, key=lambda c: (c.concurrency, launch.SERVERS.index(c.server))):
+        m = cell.median
+        if m is None:
+            lines.append(
+                f"{cell.server:<10} {cell.concurrency:>4} failed: {cell.errors[-1][:60]!r}"
+            )
+            continue
+        ratio = throughput_ratio(cells, cell, baseline)
+        batch = m["mean_batch_size"]
+        every = ", ".join(f"{r['throughput_infer_s']:.0f}" for r in cell.runs)
+        lines.append(
+            f"{cell.server:<10} {cell.concurrency:>4} {m['throughput_infer_s']:>8.0f}"
+            f" {m['p50_us'] / 1000:>7.2f} {m['p99_us'] / 1000:>7.2f}"
+            f" {'-' if batch is None else f'{batch:.1f}':>6}"
+            f" {'-' if ratio is None else f'{ratio:.2f}x':>15}  {every}"
+            + (f"  ({len(cell.errors)} failed)" if cell.errors else "")
+        )
+    return "\n".join(lines)
+
+
+def openloop_hook(rates: Sequence[float], duration_s: float) -> LoadHook:
+    """Run `python -m loadtests.openloop` (when present) at `rates` and return its JSON."""
+
+    def run(server: str, address: str, scratch: Path) -> dict[str, Any]:
+        out = scratch / f"openloop_{server}.json"
+        cmd = [sys.executable, "-m", "loadtests.openloop", "--address", address,
+               "--model", MODEL, "--rates", *map(str, rates),
+               "--duration-s", str(duration_s), "--out", str(out)]  # fmt: skip
+        bound_s = 60 + len(rates) * (duration_s + 30)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=bound_s)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"openloop failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        return {"command": " ".join(cmd[:-2]), "result": json.loads(out.read_text())}
+
+    return run
+
+
+def package_versions(python: Path | str, packages: Sequence[str]) -> dict[str, str]:
+    """Installed versions of `packages` in the environment of `python` (missing: "absent")."""
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "def v(p):\n"
+        "    try: return m.version(p)\n"
+        "    except m.PackageNotFoundError: return 'absent'\n"
+        "print(json.dumps({p: v(p) for p in sys.argv[1:]}))"
+    )
+    try:
+        proc = subprocess.run(
+            [str(python), "-c", code, *packages], capture_output=True, text=True, timeout=60
+        )
+        versions: dict[str, str] = json.loads(proc.stdout)
+        return versions
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        return {"error": str(exc)}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {
+        "node": platform.node(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        info["load_avg_at_start"] = os.getloadavg()
+    return info
+
+
+def git_revision() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"error": str(exc)}
+
+
+def create_repository(directory: Path) -> Path:
+    """A fresh batchwire repository with mlp64 (`python -m batchwire train mlp64`)."""
+    subprocess.run(
+        [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "train", "mlp64",
+         "--model-repository", str(directory)],
+        cwd=ROOT, check=True, timeout=300,
+    )  # fmt: skip
+    return directory
+
+
+def _measure_server(
+    name: str,
+    *,
+    repository: Path,
+    args: argparse.Namespace,
+    cells: dict[tuple[str, int], Cell],
+    servers: dict[str, dict[str, Any]],
+    hooks: Sequence[LoadHook],
+    scratch: Path,
+    log_dir: Path,
+) -> None:
+    """Start one server, run every concurrency once (and the hooks), stop it."""
+    info = servers[name]
+    try:
+        spec = launch.server_spec(name, model_repository=repository)
+        info["command"] = " ".join(spec.argv)
+        info["env"] = spec.env
+        started = time.monotonic()
+        server = launch.start_server(spec, log_dir)
+        info.setdefault("start_s", []).append(round(time.monotonic() - started, 2))
+    except Exception as exc:
+        logger.error("%s: %s", name, exc)
+        info.setdefault("errors", []).append(str(exc))
+        for concurrency in args.concurrency:
+            cells[(name, concurrency)].errors.append(f"start: {str(exc).splitlines()[0]}")
+        return
+    try:
+        info["address"] = server.address
+        for concurrency in args.concurrency:
+            cell = cells[(name, concurrency)]
+            try:
+                run = run_perf_analyzer(args.tool, server.address, concurrency, args.interval_ms)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                logger.error("%s c=%d: %s", name, concurrency, exc)
+                cell.errors.append(str(exc))
+                continue
+            cell.runs.append(run)
+            logger.info(
+                "%s c=%d: %.0f infer/s, p50 %.2f ms, p99 %.2f ms",
+                name, concurrency, run["throughput_infer_s"], run["p50_us"] / 1000,
+                run["p99_us"] / 1000,
+            )  # fmt: skip
+        for hook in hooks:
+            try:
+                info.setdefault("extra_loads", []).append(hook(name, server.address, scratch))
+            except Exception as exc:
+                logger.error("%s: extra load failed: %s", name, exc)
+                info.setdefault("errors", []).append(f"extra load: {exc}")
+    finally:
+        info.setdefault("exit_codes", []).append(launch.stop_server(server))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--servers", nargs="+", choices=launch.SERVERS, default=list(launch.SERVERS)
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--interval-ms", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--tool", type=Path, default=DEFAULT_TOOL, help="perf_analyzer")
+    parser.add_argument("--log-dir", type=Path, help="servers' logs (default: beside --out)")
+    parser.add_argument("--openloop-rates", type=float, nargs="+", help="also run openloop")
+    parser.add_argument("--openloop-duration-s", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not args.tool.exists():
+        parser.error(f"no perf_analyzer at {args.tool}: run `make perf-analyzer`")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    args.log_dir = args.log_dir or args.out.parent / "bench_logs"
+
+    hooks: list[LoadHook] = []
+    if args.openloop_rates:
+        hooks.append(openloop_hook(args.openloop_rates, args.openloop_duration_s))
+
+    date = time.strftime("%Y-%m-%d %H:%M:%S %z")
+    cells = {(s, c): Cell(s, c) for s in args.servers for c in args.concurrency}
+    servers: dict[str, dict[str, Any]] = {s: {} for s in args.servers}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        repository = create_repository(Path(tmp) / "model_repository")
+        for round_index in range(args.runs):
+            logger.info("round %d of %d", round_index + 1, args.runs)
+            last = round_index == args.runs - 1
+            for name in args.servers:
+                _measure_server(
+                    name, repository=repository, args=args, cells=cells, servers=servers,
+                    hooks=hooks if last else [], scratch=Path(tmp),
+                    log_dir=args.log_dir / f"round{round_index + 1}",
+                )  # fmt: skip
+
+    ordered = list(cells.values())
+    print(
+        f"\nmlp64 (y = relu(x @ W), W 64x64 FP32), perf_analyzer -b 1, closed loop, "
+        f"{args.interval_ms} ms windows, median of {args.runs} runs by throughput"
+    )
+    print(format_table(ordered))
+    versions = {
+        name: package_versions(
+            launch.peer_python(name) if name in launch.PEER_VENVS else sys.executable,
+            VERSION_PACKAGES[name],
+        )
+        for name in args.servers
+    }
+    version_out = subprocess.run(
+        [str(args.tool), "--version"], capture_output=True, text=True, timeout=60
+    )
+    tool_version = (version_out.stdout + version_out.stderr).strip()
+    payload = {
+        "date": date,
+        "machine": machine(),
+        "git": git_revision(),
+        "argv": [
+            sys.executable,
+            "-m",
+            "loadtests.bench",
+            *(sys.argv[1:] if argv is None else argv),
+        ],
+        "model": MODEL,
+        "settings": {
+            "concurrency": args.concurrency,
+            "runs": args.runs,
+            "interval_ms": args.interval_ms,
+            "batch_size": 1,
+            "order": "rounds: each round starts, measures and stops every server",
+        },  # fmt: skip
+        "perf_analyzer": {"path": str(args.tool), "version": tool_version},
+        "versions": versions,
+        "servers": servers,
+        "results": [
+            {
+                "server": c.server,
+                "concurrency": c.concurrency,
+                "median": c.median,
+                f"throughput_ratio_{BASELINE}_over_server": throughput_ratio(ordered, c),
+                "throughput_spread": _spread(c.runs),
+                "runs": c.runs,
+                "errors": c.errors,
+            }  # fmt: skip
+            for c in ordered
+        ],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out} (server logs in {args.log_dir})")
+    failed = [c for c in ordered if c.errors or not c.runs]
+    return 1 if failed else 0
+
+
+def _spread(runs: Sequence[dict[str, Any]]) -> dict[str, float] | None:
+    values = [r["throughput_infer_s"] for r in runs]
+    if not values:
+        return None
+    return {"min": min(values), "max": max(values), "mean": statistics.fmean(values)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
