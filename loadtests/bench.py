@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import logging
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +43,7 @@ from typing import Any, Final
 
 from loadtests.peers import launch
 from loadtests.peers.model import NAME as MODEL
+from loadtests.perf_analyzer import run_perf_analyzer
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +51,6 @@ ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_TOOL: Final = ROOT / ".perf-analyzer" / "perf_analyzer"
 DEFAULT_OUT: Final = ROOT / "loadtests" / "results" / "bench.json"
 BASELINE: Final = "batchwire"
-#: Bound on one perf_analyzer process (its own windows end far sooner; -s 50 may retry).
-PERF_ANALYZER_TIMEOUT_S: Final = 300
 #: The packages whose versions each environment reports in the JSON.
 VERSION_PACKAGES: Final = {
     "batchwire": ("batchwire", "grpcio", "protobuf", "numpy", "onnxruntime"),
@@ -64,72 +61,6 @@ VERSION_PACKAGES: Final = {
 
 #: Hook for further load tools: (server name, address, scratch dir) -> JSON-able result.
 LoadHook = Callable[[str, str, Path], dict[str, Any]]
-
-
-def perf_analyzer_command(
-    tool: Path, address: str, concurrency: int, interval_ms: int, report: Path
-) -> list[str]:
-    """perf_analyzer's command line for one measurement of mlp64 at one concurrency."""
-    return [
-        str(tool), "-m", MODEL, "-i", "grpc", "-u", address, "-b", "1",
-        "--concurrency-range", str(concurrency), "-s", "50", "--percentile", "99",
-        "-p", str(interval_ms), "-f", str(report),
-    ]  # fmt: skip
-
-
-_SERVER_COUNTS: Final = re.compile(r"Inference count: (\d+)\s+Execution count: (\d+)")
-
-
-def parse_report(csv_text: str, stdout: str) -> dict[str, Any]:
-    """One perf_analyzer run as numbers: the CSV row, plus mean batch size from its stdout.
-
-    Server-side columns exist only when the server answers ModelStatistics; they are None
-    otherwise, as is the mean batch size.
-    """
-    row = next(csv.DictReader(csv_text.splitlines()))
-
-    def column(name: str) -> float | None:
-        value = row.get(name)
-        return float(value) if value not in (None, "") else None
-
-    counts = _SERVER_COUNTS.search(stdout)
-    mean_batch = None
-    if counts and int(counts.group(2)) > 0:
-        mean_batch = int(counts.group(1)) / int(counts.group(2))
-    return {
-        "throughput_infer_s": float(row["Inferences/Second"]),
-        "p50_us": float(row["p50 latency"]),
-        "p90_us": column("p90 latency"),
-        "p99_us": float(row["p99 latency"]),
-        "server_queue_us": column("Server Queue"),
-        "server_compute_infer_us": column("Server Compute Infer"),
-        "mean_batch_size": mean_batch,
-    }
-
-
-def run_perf_analyzer(
-    tool: Path, address: str, concurrency: int, interval_ms: int
-) -> dict[str, Any]:
-    """One bounded perf_analyzer measurement; raises RuntimeError when it fails."""
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        report = Path(tmp) / "report.csv"
-        cmd = perf_analyzer_command(tool, address, concurrency, interval_ms, report)
-        # Other work on this shared box shows here (2 cores: above ~2 means contention).
-        load_avg_1m = os.getloadavg()[0]
-        started = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PERF_ANALYZER_TIMEOUT_S)
-        wall_s = time.monotonic() - started
-        if proc.returncode != 0 or not report.exists():
-            output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-            raise RuntimeError(f"perf_analyzer failed ({proc.returncode}):\n{output}")
-        result = parse_report(report.read_text(), proc.stdout)
-    return {
-        "command": " ".join(cmd[:-1] + ["report.csv"]),
-        "concurrency": concurrency,
-        "wall_s": round(wall_s, 2),
-        "load_avg_1m_before": round(load_avg_1m, 2),
-        **result,
-    }
 
 
 def median_run(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -294,7 +225,9 @@ def _measure_server(
         for concurrency in args.concurrency:
             cell = cells[(name, concurrency)]
             try:
-                run = run_perf_analyzer(args.tool, server.address, concurrency, args.interval_ms)
+                run = run_perf_analyzer(
+                    args.tool, server.address, concurrency, args.interval_ms, model=MODEL
+                )
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 logger.error("%s c=%d: %s", name, concurrency, exc)
                 cell.errors.append(str(exc))

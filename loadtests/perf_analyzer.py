@@ -16,47 +16,99 @@ import csv
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TOOL = ROOT / ".perf-analyzer" / "perf_analyzer"
 
 
-def run_once(
-    tool: Path, address: str, model: str, concurrency: int, batch_size: int, interval_ms: int
-) -> dict[str, Any]:
-    """One perf_analyzer measurement at one concurrency; returns its CSV row as numbers."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.csv"
-        cmd = [
-            str(tool), "-m", model, "-i", "grpc", "-u", address, "-b", str(batch_size),
-            "--concurrency-range", str(concurrency), "-s", "50", "--percentile", "99",
-            "-p", str(interval_ms), "-f", str(report),
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0 or not report.exists():
-            raise RuntimeError(
-                f"perf_analyzer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-            )
-        with report.open() as f:
-            row = next(csv.DictReader(f))
+#: Bound on one perf_analyzer process (its own windows end far sooner; -s 50 may retry).
+PERF_ANALYZER_TIMEOUT_S: Final = 300
+_SERVER_COUNTS: Final = re.compile(r"Inference count: (\d+)\s+Execution count: (\d+)")
+
+
+def perf_analyzer_command(
+    tool: Path,
+    address: str,
+    concurrency: int,
+    interval_ms: int,
+    report: Path,
+    *,
+    model: str,
+    batch_size: int = 1,
+) -> list[str]:
+    """perf_analyzer's command line for one measurement of `model` at one concurrency."""
+    return [
+        str(tool), "-m", model, "-i", "grpc", "-u", address, "-b", str(batch_size),
+        "--concurrency-range", str(concurrency), "-s", "50", "--percentile", "99",
+        "-p", str(interval_ms), "-f", str(report),
+    ]  # fmt: skip
+
+
+def parse_report(csv_text: str, stdout: str) -> dict[str, Any]:
+    """One perf_analyzer run as numbers: the CSV row, plus mean batch size from its stdout.
+
+    Server-side columns exist only when the server answers ModelStatistics; they are None
+    otherwise, as is the mean batch size.
+    """
+    row = next(csv.DictReader(csv_text.splitlines()))
+
+    def column(name: str) -> float | None:
+        value = row.get(name)
+        return float(value) if value not in (None, "") else None
+
+    counts = _SERVER_COUNTS.search(stdout)
+    mean_batch = None
+    if counts and int(counts.group(2)) > 0:
+        mean_batch = int(counts.group(1)) / int(counts.group(2))
     return {
-        "command": " ".join(cmd[:-2]),
         "throughput_infer_s": float(row["Inferences/Second"]),
         "p50_us": float(row["p50 latency"]),
+        "p90_us": column("p90 latency"),
         "p99_us": float(row["p99 latency"]),
-        "avg_latency_us": float(row["Client Send"]) + float(row["Network+Server Send/Recv"])
-        + float(row["Server Queue"]) + float(row["Server Compute Input"])
-        + float(row["Server Compute Infer"]) + float(row["Server Compute Output"])
-        + float(row["Client Recv"]),
-        "server_queue_us": float(row["Server Queue"]),
-        "server_compute_infer_us": float(row["Server Compute Infer"]),
-    }  # fmt: skip
+        "server_queue_us": column("Server Queue"),
+        "server_compute_infer_us": column("Server Compute Infer"),
+        "mean_batch_size": mean_batch,
+    }
+
+
+def run_perf_analyzer(
+    tool: Path,
+    address: str,
+    concurrency: int,
+    interval_ms: int,
+    *,
+    model: str,
+    batch_size: int = 1,
+) -> dict[str, Any]:
+    """One bounded perf_analyzer measurement; raises RuntimeError when it fails."""
+    with tempfile.TemporaryDirectory(prefix="perf-analyzer-") as tmp:
+        report = Path(tmp) / "report.csv"
+        cmd = perf_analyzer_command(
+            tool, address, concurrency, interval_ms, report, model=model, batch_size=batch_size
+        )
+        # Other work on this shared box shows here (2 cores: above ~2 means contention).
+        load_avg_1m = os.getloadavg()[0]
+        started = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PERF_ANALYZER_TIMEOUT_S)
+        wall_s = time.monotonic() - started
+        if proc.returncode != 0 or not report.exists():
+            output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            raise RuntimeError(f"perf_analyzer failed ({proc.returncode}):\n{output}")
+        result = parse_report(report.read_text(), proc.stdout)
+    return {
+        "command": " ".join(cmd[:-1] + ["report.csv"]),
+        "concurrency": concurrency,
+        "wall_s": round(wall_s, 2),
+        "load_avg_1m_before": round(load_avg_1m, 2),
+        **result,
+    }
 
 
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
@@ -97,9 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for concurrency in args.concurrency:
             runs = [
-                run_once(
-                    args.tool, address, args.model, concurrency, args.batch_size, args.interval_ms
-                )
+                run_perf_analyzer(
+                    args.tool,
+                    address,
+                    concurrency,
+                    args.interval_ms,
+                    model=args.model,
+                    batch_size=args.batch_size,
+                )  # fmt: skip
                 for _ in range(args.runs)
             ]
             median = sorted(runs, key=lambda r: r["throughput_infer_s"])[len(runs) // 2]

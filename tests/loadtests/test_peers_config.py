@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from loadtests import bench
+from loadtests import bench, perf_analyzer
 from loadtests.peers import launch, model
 from loadtests.peers.bare_grpc import BareServicer, bare_model_config
 from loadtests.peers.model_config_wire import model_config_response
@@ -165,7 +165,9 @@ def test_free_port_is_bindable_on_loopback() -> None:
 
 
 def test_perf_analyzer_command_has_the_agreed_flags() -> None:
-    cmd = bench.perf_analyzer_command(Path("pa"), "127.0.0.1:1", 32, 3000, Path("r.csv"))
+    cmd = perf_analyzer.perf_analyzer_command(
+        Path("pa"), "127.0.0.1:1", 32, 3000, Path("r.csv"), model="mlp64"
+    )
     assert " ".join(cmd) == (
         "pa -m mlp64 -i grpc -u 127.0.0.1:1 -b 1 --concurrency-range 32 -s 50 --percentile 99"
         " -p 3000 -f r.csv"
@@ -190,14 +192,14 @@ STDOUT_WITH_COUNTS = """  Server:
 
 
 def test_parse_report_with_server_statistics() -> None:
-    run = bench.parse_report(WITH_SERVER_STATS, STDOUT_WITH_COUNTS)
+    run = perf_analyzer.parse_report(WITH_SERVER_STATS, STDOUT_WITH_COUNTS)
     assert run["throughput_infer_s"] == 3574.2 and run["p50_us"] == 8570 and run["p99_us"] == 19350
     assert run["server_queue_us"] == 300 and run["server_compute_infer_us"] == 80
     assert run["mean_batch_size"] == 16.0
 
 
 def test_parse_report_without_server_statistics() -> None:
-    run = bench.parse_report(CLIENT_ONLY, "Client:\n Throughput: 1218 infer/sec\n")
+    run = perf_analyzer.parse_report(CLIENT_ONLY, "Client:\n Throughput: 1218 infer/sec\n")
     assert run["throughput_infer_s"] == 1218.09 and run["p99_us"] == 1282
     assert run["server_queue_us"] is None and run["mean_batch_size"] is None
 
