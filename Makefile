@@ -43,7 +43,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy batchwire server batching engines trainer
+	$(VENV)/bin/mypy batchwire server batching engines trainer loadtests
 
 perf-analyzer:
 	../shared/tools/install-perf-analyzer.sh .perf-analyzer

@@ -19,7 +19,14 @@ from itertools import chain
 import numpy as np
 
 from batching.policy import BatchPolicy, Dispatch, Wait, decide
-from batching.tensors import GroupKey, batch_size_of, concat_inputs, group_key, split_outputs
+from batching.tensors import (
+    GroupKey,
+    batch_size_of,
+    concat_inputs,
+    group_key,
+    pad_batch,
+    split_outputs,
+)
 from batchwire.errors import ErrorCode, InferenceError
 from engines.base import Engine
 
@@ -435,6 +442,12 @@ class DynamicBatcher:
                 outcome = [engine.infer(batch[0].inputs)]
             else:
                 inputs, _ = concat_inputs([p.inputs for p in batch])
+                # Engines built for fixed batch sizes (CUDA graphs) get the next bucket up;
+                # split_outputs drops the padding rows.
+                buckets: tuple[int, ...] = getattr(engine, "bucket_sizes", ())
+                i = bisect.bisect_left(buckets, sum(sizes))
+                if i < len(buckets):
+                    inputs = pad_batch(inputs, buckets[i])
                 outcome = split_outputs(engine.infer(inputs), sizes)
         except BaseException as exc:  # whatever it is, it belongs to this batch's callers
             outcome = exc

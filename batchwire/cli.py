@@ -31,7 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `batchwire` command."""
-    from trainer.cli import add_import_parser, add_train_parser
+    from trainer.cli import add_build_engine_parser, add_import_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="batchwire", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_import_parser(sub)
+    add_build_engine_parser(sub)
     return parser
 
 

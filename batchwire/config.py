@@ -98,6 +98,49 @@ class CpuLaneConfig(BaseModel):
     models whose compute takes microseconds, or the loop stalls while they run."""
 
 
+class ProfileDimsConfig(BaseModel):
+    """TensorRT optimisation-profile range of one input's non-batch dims (`gpu.profile_dims`).
+
+    Each list has one entry per declared dim (batch axis excluded); a fixed dim repeats
+    its declared size, a variable (-1) dim gives its smallest, typical and largest size.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: list[int]
+    """Smallest size of each dim the engine accepts."""
+    opt: list[int]
+    """Size TensorRT tunes its kernels for."""
+    max: list[int]
+    """Largest size of each dim the engine accepts (device buffers are sized for it)."""
+
+
+class GpuConfig(BaseModel):
+    """The GPU engine of a model: used when the host has CUDA, else the CPU `backend` serves.
+
+    TensorRT runs `model.onnx` through a plan built by `batchwire build-engine` for this
+    GPU, TensorRT version and model (`<version>/plans/`); `torchscript_cuda` runs `model.pt`
+    with one CUDA graph per bucket batch size.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["tensorrt", "torchscript_cuda"]
+    """Which GPU engine serves the model."""
+    precision: Literal["fp32", "fp16"] = "fp16"
+    """Compute precision. TensorRT 11 takes reduced precision from the ONNX model's own
+    types only (no FP16 flag), so an FP32 model builds as fp32 there (logged)."""
+    instances: int = Field(default=1, ge=1)
+    """GPU engine instances, each with its own CUDA stream (and TensorRT execution
+    context) and thread; replaces `instance_count` when the GPU engine serves."""
+    bucket_sizes: list[int] | None = None
+    """`torchscript_cuda` only: batch sizes with a captured CUDA graph; batches are padded
+    up to the next one. None = powers of two up to `max_batch_size`, plus it."""
+    profile_dims: dict[str, ProfileDimsConfig] | None = None
+    """`tensorrt` only: min/opt/max of the non-batch dims of each input with variable
+    (-1) dims; inputs with fixed dims need no entry."""
+
+
 class ModelConfig(BaseModel):
     """Everything the server needs to know to serve one model."""
 
@@ -128,6 +171,8 @@ class ModelConfig(BaseModel):
     only for models that mask padding (attention_mask)."""
     cpu_lane: CpuLaneConfig | None = None
     """Route cheap requests to a bounded pool with no batching delay (None = batcher only)."""
+    gpu: GpuConfig | None = None
+    """Serve with a GPU engine where CUDA is available (None = the CPU `backend` only)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -142,6 +187,18 @@ class ModelConfig(BaseModel):
                         f"preferred_batch_size {size} outside 1..max_batch_size "
                         f"({self.max_batch_size})"
                     )
+        if self.gpu is not None:
+            if self.max_batch_size < 1:
+                raise ValueError("gpu engines need a batch axis (max_batch_size >= 1)")
+            for size in self.gpu.bucket_sizes or ():
+                if not 1 <= size <= self.max_batch_size:
+                    raise ValueError(
+                        f"gpu.bucket_sizes {size} outside 1..max_batch_size ({self.max_batch_size})"
+                    )
+            declared = {t.name for t in self.inputs}
+            unknown = sorted(set(self.gpu.profile_dims or {}) - declared)
+            if unknown:
+                raise ValueError(f"gpu.profile_dims names unknown inputs {unknown}")
         return self
 
     @property

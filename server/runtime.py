@@ -17,7 +17,7 @@ from batchwire.datatypes import datatype_of
 from batchwire.errors import ErrorCode, InferenceError
 from batchwire.types import InferRequest, InferResponse, TensorSpec
 from engines.base import Engine
-from engines.loader import load_engine
+from engines.loader import instance_count, load_engine
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class ModelRuntime:
         for number in chosen:
             engines: list[Engine] = [
                 load_engine(config, found[number], intra_op_threads=threads)
-                for _ in range(config.instance_count)
+                for _ in range(instance_count(config))
             ]
             for engine in engines:
                 engine.warmup()
@@ -197,8 +197,9 @@ class ModelRuntime:
             lane = None
             if config.cpu_lane is not None:
                 lane_config = config.cpu_lane
+                # The CPU lane runs CPU engines even where the batched lane has a GPU one.
                 lane_engines = [
-                    load_engine(config, found[number], intra_op_threads=threads)
+                    load_engine(config, found[number], intra_op_threads=threads, gpu=False)
                     for _ in range(1 if lane_config.inline else lane_config.instances)
                 ]
                 for engine in lane_engines:

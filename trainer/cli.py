@@ -152,3 +152,97 @@ def run_import(args: argparse.Namespace) -> int:
         f"{card['onnx_size_bytes'] / 1e6:.1f} MB, exported in {card['export_time_s']:.1f} s)"
     )
     return 0
+
+
+def add_build_engine_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add `build-engine (MODEL | --all) [options]` to a parser's sub-commands.
+
+    Nothing heavy is imported here (TensorRT, torch: only when `run_build_engine` runs).
+
+    Returns:
+        The `build-engine` parser.
+    """
+    build = subparsers.add_parser(
+        "build-engine",
+        help="build, validate and cache a TensorRT plan of a model for this GPU",
+        description="Build a TensorRT plan from model.onnx of each served version of MODEL for "
+        "the GPU, TensorRT version and precision at hand, check it against ONNX Runtime on "
+        "seeded inputs (relative error below 1e-4 for fp32, 1e-2 for fp16), and cache it in "
+        "<version>/plans/. A version whose cached plan matches exactly is skipped. Needs a "
+        "CUDA GPU and the `gpu` extra (TensorRT).",
+    )
+    build.add_argument("model", nargs="?", metavar="MODEL", help="model to build")
+    build.add_argument(
+        "--all",
+        action="store_true",
+        help="build every model whose config.yaml has gpu.engine: tensorrt",
+    )
+    build.add_argument(
+        "--model-repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
+    )
+    build.add_argument(
+        "--precision",
+        choices=("fp16", "fp32"),
+        default=None,
+        help="default: the config's gpu.precision (fp16 without one); the server loads the "
+        "plan of the config's precision",
+    )
+    build.add_argument("--version", type=int, default=None, help="build only this version")
+    build.add_argument(
+        "--workspace-mib", type=int, default=4096, help="TensorRT workspace limit (default 4096)"
+    )
+    build.add_argument("--device", type=int, default=0, help="CUDA device (default 0)")
+    build.add_argument("--force", action="store_true", help="rebuild even if a plan matches")
+    build.set_defaults(func=run_build_engine)
+    return build
+
+
+def run_build_engine(args: argparse.Namespace) -> int:
+    """Run `batchwire build-engine` from parsed arguments; print one line per version.
+
+    Returns:
+        0 when every plan is built or up to date, 1 when any model failed (with `--all`,
+        the other models are still built), 2 for a usage error.
+    """
+    if bool(args.model) == bool(args.all):
+        print("build-engine: name one MODEL or pass --all")
+        return 2
+    from trainer.build_engine import build_engine, tensorrt_models
+
+    models = tensorrt_models(args.model_repository) if args.all else [args.model]
+    if not models:
+        print(f"no model in {args.model_repository} has gpu.engine: tensorrt")
+    failed = 0
+    for model in models:
+        try:
+            results = build_engine(
+                args.model_repository,
+                model,
+                precision=args.precision,
+                workspace_bytes=args.workspace_mib << 20,
+                version=args.version,
+                device=args.device,
+                force=args.force,
+            )
+        except Exception as exc:
+            if not args.all:
+                raise
+            logger.error("build-engine %s failed: %s", model, exc, exc_info=exc)
+            print(f"{model}: FAILED ({exc})")
+            failed += 1
+            continue
+        for r in results:
+            if r.built:
+                errors = ", ".join(f"{k} {v:.2g}" for k, v in r.relative_errors.items())
+                print(
+                    f"{r.model} version {r.version}: built {r.plan_path} ({r.precision}, "
+                    f"{r.build_time_s:.1f} s; validation errors {errors})"
+                )
+            else:
+                print(f"{r.model} version {r.version}: up to date {r.plan_path}")
+    return 1 if failed else 0
