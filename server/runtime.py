@@ -21,6 +21,9 @@ from engines.loader import instance_count, load_engine
 
 logger = logging.getLogger(__name__)
 
+#: Modules of the engines that run on a GPU (the loader falls back to CPU engines).
+GPU_ENGINE_MODULES = frozenset({"engines.tensorrt", "engines.cuda"})
+
 
 @dataclass(slots=True)
 class Duration:
@@ -55,6 +58,8 @@ class ModelVersion:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     lane: CpuLane | None = None
+    on_gpu: bool = False
+    """The batched lane runs a GPU engine (TensorRT or CUDA TorchScript)."""
     stats: VersionStats = field(default_factory=VersionStats)
 
     async def close(self, *, drain: bool = True) -> None:
@@ -218,6 +223,7 @@ class ModelRuntime:
                 inputs=tuple(t.spec() for t in config.inputs),
                 outputs=tuple(t.spec() for t in config.outputs),
                 lane=lane,
+                on_gpu=type(engines[0]).__module__ in GPU_ENGINE_MODULES,
             )
         return versions
 

@@ -73,9 +73,14 @@ def model_config_pb(model: ModelVersion, versions: list[int]) -> mc.ModelConfig:
         out.input.add(name=spec.name, data_type=_config_dtype(spec.datatype), dims=spec.dims)
     for spec in config.outputs:
         out.output.add(name=spec.name, data_type=_config_dtype(spec.datatype), dims=spec.dims)
+    on_gpu = model.on_gpu
     out.instance_group.add(
-        name=config.name, kind=mc.ModelInstanceGroup.KIND_CPU, count=config.instance_count
+        name=config.name,
+        kind=mc.ModelInstanceGroup.KIND_GPU if on_gpu else mc.ModelInstanceGroup.KIND_CPU,
+        count=len(model.batcher.engines),
     )
+    if on_gpu and config.gpu is not None:
+        out.platform = "tensorrt_plan" if config.gpu.engine == "tensorrt" else "pytorch_libtorch"
     if config.dynamic_batching is not None:
         batching = config.dynamic_batching
         db = out.dynamic_batching

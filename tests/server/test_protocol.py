@@ -93,6 +93,10 @@ def test_model_metadata_and_config(stub: StubT) -> None:
     assert [list(i.dims) for i in config.input] == [[1, 8, 8]]
     assert config.HasField("dynamic_batching")
     assert list(config.dynamic_batching.preferred_batch_size) == [16, 32]
+    from protos import model_config_pb2 as mc
+
+    group = config.instance_group[0]
+    assert (group.kind, group.count) == (mc.ModelInstanceGroup.KIND_CPU, 1)  # no GPU here
 
 
 def test_health_and_reflection(channel: grpc.Channel) -> None:
