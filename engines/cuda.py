@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,21 +159,10 @@ class CudaTorchScriptEngine:
         )  # fmt: skip
 
     def _load(self, precision: str) -> torch.jit.ScriptModule:
-        try:
-            with warnings.catch_warnings():
-                # TorchScript is deprecated in torch but is the libtorch format we serve on purpose.
-                warnings.filterwarnings(
-                    "ignore",
-                    message=r"`torch\.jit\.load` is deprecated",
-                    category=DeprecationWarning,
-                )
-                module = torch.jit.load(str(self.path), map_location=self.device)  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            raise InferenceError(
-                ErrorCode.INTERNAL, f"cannot load TorchScript model {self.path}: {exc}"
-            ) from exc
-        module = module.eval()
-        return module.half() if precision == "fp16" else module  # type: ignore[no-any-return]
+        from engines.torchscript import load_torchscript
+
+        module = load_torchscript(self.path, self.device)
+        return module.half() if precision == "fp16" else module
 
     def _device_dtype(self, spec: TensorSpec) -> torch.dtype:
         if self.precision == "fp16" and spec.datatype in FLOAT_DATATYPES:

@@ -65,20 +65,7 @@ class TorchScriptEngine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InferenceError(ErrorCode.UNAVAILABLE, f"device '{device}': CUDA is not available")
         torch.set_num_threads(intra_op_threads)
-        try:
-            with warnings.catch_warnings():
-                # TorchScript is deprecated in torch but is the libtorch format we serve on purpose.
-                warnings.filterwarnings(
-                    "ignore",
-                    message=r"`torch\.jit\.load` is deprecated",
-                    category=DeprecationWarning,
-                )
-                module = torch.jit.load(str(self.path), map_location=self.device)  # type: ignore[no-untyped-call]
-        except Exception as exc:
-            raise InferenceError(
-                ErrorCode.INTERNAL, f"cannot load TorchScript model {self.path}: {exc}"
-            ) from exc
-        self._module = module.eval()
+        self._module = load_torchscript(self.path, self.device)
         self._input_names = [spec.name for spec in inputs]
         self._outputs = [(spec.name, numpy_dtype(spec.datatype)) for spec in outputs]
         self._on_cpu = self.device.type == "cpu"
@@ -133,3 +120,25 @@ class TorchScriptEngine:
     def _array(self, tensor: torch.Tensor, dtype: np.dtype) -> np.ndarray:
         array = tensor.numpy() if self._on_cpu else tensor.cpu().numpy()
         return array if array.dtype == dtype else array.astype(dtype)
+
+
+def load_torchscript(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+    """`torch.jit.load` onto `device`, in eval mode.
+
+    Raises:
+        InferenceError: INTERNAL when the file cannot be loaded.
+    """
+    try:
+        with warnings.catch_warnings():
+            # TorchScript is deprecated in torch but is the libtorch format we serve on purpose.
+            warnings.filterwarnings(
+                "ignore",
+                message=r"`torch\.jit\.load` is deprecated",
+                category=DeprecationWarning,
+            )
+            module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        raise InferenceError(
+            ErrorCode.INTERNAL, f"cannot load TorchScript model {path}: {exc}"
+        ) from exc
+    return module.eval()  # type: ignore[no-any-return]

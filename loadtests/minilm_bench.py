@@ -17,8 +17,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,21 +57,13 @@ def served(repository: Path, concurrency: int, duration_s: float) -> dict[str, A
     import grpc
 
     from loadtests.openloop import run_closed_loop, summarize
+    from loadtests.perf_analyzer import start_server
     from protos import grpc_service_pb2 as pb
     from protos import grpc_service_pb2_grpc as pb_grpc
     from server.codec import serialize_bytes
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "serve",
-         "--model-repository", str(repository), "--port", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
+    proc, address = start_server(repository)
     try:
-        line = proc.stdout.readline()
-        if "serving on" not in line:
-            raise RuntimeError(f"server did not start: {line!r}")
-        address = line.split()[3]
         request = pb.ModelInferRequest(model_name="minilm")
         request.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])
         request.raw_input_contents.append(serialize_bytes(np.array([[SENTENCE]], object)))

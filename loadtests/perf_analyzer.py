@@ -111,8 +111,12 @@ def run_perf_analyzer(
     }
 
 
-def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start `batchwire serve --port 0` and return it with its address."""
+def launch_server(repository: Path) -> tuple[subprocess.Popen[str], str, str]:
+    """Start `batchwire serve --port 0`; return it, its address and its models line.
+
+    Raises:
+        RuntimeError: the server exits or prints something else first (it is killed).
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "serve",
          "--model-repository", str(repository), "--port", "0"],
@@ -122,8 +126,15 @@ def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
     line = proc.stdout.readline()
     if "serving on" not in line:
         proc.kill()
+        proc.wait()
         raise RuntimeError(f"server did not start: {line!r}")
-    return proc, line.split()[3]
+    return proc, line.split()[3], line.split("models:", 1)[1].strip()
+
+
+def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
+    """Start `batchwire serve --port 0` and return it with its address."""
+    proc, address, _ = launch_server(repository)
+    return proc, address
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,11 +14,8 @@ import argparse
 import json
 import os
 import platform
-import selectors
 import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,26 +35,15 @@ def measure_once(repository: Path, idle_s: float) -> dict[str, Any]:
     """One cold start: launch, wait for readiness, idle, read RSS, SIGTERM."""
     import grpc
 
+    from loadtests.perf_analyzer import launch_server
     from protos import grpc_service_pb2 as pb
     from protos import grpc_service_pb2_grpc as pb_grpc
 
     start = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "serve",
-         "--model-repository", str(repository), "--port", "0"],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
+    # Blocks on the server's one stdout line: models loaded and warmed, port open.
+    proc, address, models = launch_server(repository)
+    serving_s = time.monotonic() - start
     try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(proc.stdout, selectors.EVENT_READ)
-            if not selector.select(timeout=120):
-                raise RuntimeError("server did not start within 120 s")
-        line = proc.stdout.readline()
-        serving_s = time.monotonic() - start
-        if "serving on" not in line:
-            raise RuntimeError(f"server did not start: {line!r}")
-        address = line.split()[3]
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
@@ -66,7 +52,7 @@ def measure_once(repository: Path, idle_s: float) -> dict[str, Any]:
             time.sleep(idle_s)
             rss = rss_mib(proc.pid)
         return {"serving_line_s": serving_s, "first_ready_s": ready_s, "idle_rss_mib": rss,
-                "models": line.split("models:", 1)[1].strip()}  # fmt: skip
+                "models": models}  # fmt: skip
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from trainer.data import load_digits_split
 
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from tests.support import ServerProcess, start_server
+from trainer.data import load_digits_split
 
 StubT = pb_grpc.GRPCInferenceServiceStub
 
