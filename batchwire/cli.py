@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from pathlib import Path
-
-DEFAULT_REPOSITORY = Path("model_repository")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -31,14 +28,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `batchwire` command."""
-    from trainer.cli import add_build_engine_parser, add_import_parser, add_train_parser
+    from trainer.cli import (
+        add_build_engine_parser,
+        add_import_parser,
+        add_repository_argument,
+        add_train_parser,
+    )
 
     parser = argparse.ArgumentParser(prog="batchwire", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve every model in a model repository over gRPC")
-    serve.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY)
+    add_repository_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
     serve.add_argument(

@@ -21,6 +21,8 @@ Backend = Literal["onnxruntime", "torchscript"]
 PLATFORMS: dict[str, str] = {"onnxruntime": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 
 CONFIG_FILENAME = "config.yaml"
+#: Where `serve`, `train`, `import` and `build-engine` look when not told otherwise.
+DEFAULT_REPOSITORY = Path("model_repository")
 
 
 class TensorConfig(BaseModel):

@@ -7,9 +7,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from batchwire.config import DEFAULT_REPOSITORY
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_REPOSITORY = Path("model_repository")
+
+def add_repository_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model-repository DIR`, defaulting to ./model_repository as `serve` does."""
+    parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=DEFAULT_REPOSITORY,
+        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
+    )
 
 
 def add_train_parser(
@@ -31,12 +41,7 @@ def add_train_parser(
         description="Train the digits CNN, export model.onnx and model.pt, and publish them as "
         "model_repository/digits/<next version>/ with a model card and config.yaml.",
     )
-    digits.add_argument(
-        "--model-repository",
-        type=Path,
-        default=DEFAULT_REPOSITORY,
-        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
-    )
+    add_repository_argument(digits)
     digits.add_argument("--epochs", type=int, default=None, help="training epochs (default 30)")
     digits.add_argument("--seed", type=int, default=0, help="seed of split, init and shuffle")
     digits.add_argument("--batch-size", type=int, default=None, help="mini-batch size (default 64)")
@@ -49,12 +54,7 @@ def add_train_parser(
         "mlp64",
         help="y = relu(x @ W), W 64x64 FP32: a serving-overhead probe (no training)",
     )
-    mlp64.add_argument(
-        "--model-repository",
-        type=Path,
-        default=DEFAULT_REPOSITORY,
-        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
-    )
+    add_repository_argument(mlp64)
     mlp64.add_argument("--seed", type=int, default=0, help="seed of the weights")
     train.set_defaults(func=run_train)
     return train
@@ -122,12 +122,7 @@ def add_import_parser(
         "model_repository/minilm/<next version>/ with a model card and config.yaml. "
         "Nothing is downloaded.",
     )
-    minilm.add_argument(
-        "--model-repository",
-        type=Path,
-        default=DEFAULT_REPOSITORY,
-        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
-    )
+    add_repository_argument(minilm)
     imp.set_defaults(func=run_import)
     return imp
 
@@ -179,12 +174,7 @@ def add_build_engine_parser(
         action="store_true",
         help="build every model whose config.yaml has gpu.engine: tensorrt",
     )
-    build.add_argument(
-        "--model-repository",
-        type=Path,
-        default=DEFAULT_REPOSITORY,
-        help=f"model repository root (default ./{DEFAULT_REPOSITORY})",
-    )
+    add_repository_argument(build)
     build.add_argument(
         "--precision",
         choices=("fp16", "fp32"),
