@@ -143,6 +143,112 @@ class GpuConfig(BaseModel):
     (-1) dims; inputs with fixed dims need no entry."""
 
 
+class BurnRateAlertConfig(BaseModel):
+    """One multiwindow burn-rate alert: it fires while the error budget burns faster than
+    `burn_rate` over both the long and the short window (Google SRE workbook, ch. 5)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    severity: Literal["page", "ticket"]
+    """How the alert is routed."""
+    burn_rate: float = Field(gt=0)
+    """Budget consumption rate, in multiples of the rate that spends it in the SLO period."""
+    long_window_s: float = Field(gt=0)
+    """The window that makes the alert significant."""
+    short_window_s: float = Field(gt=0)
+    """The window that makes the alert reset soon after the burn stops."""
+
+
+def _default_burn_rate_alerts() -> list[BurnRateAlertConfig]:
+    hour = 3600.0
+    return [
+        BurnRateAlertConfig(
+            severity="page", burn_rate=14.4, long_window_s=hour, short_window_s=300
+        ),
+        BurnRateAlertConfig(
+            severity="page", burn_rate=6.0, long_window_s=6 * hour, short_window_s=1800
+        ),
+        BurnRateAlertConfig(
+            severity="ticket", burn_rate=1.0, long_window_s=72 * hour, short_window_s=6 * hour
+        ),
+    ]
+
+
+class SloConfig(BaseModel):
+    """Service-level objectives of one model, checked by the latency-SLO monitor.
+
+    A request is *good for latency* when it succeeds within `latency_threshold_ms`, and
+    *available* unless it fails with a server-side status (see `monitoring/slo.py`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    latency_threshold_ms: float = Field(gt=0)
+    """The latency a request must beat (end to end inside the server)."""
+    latency_objective: float = Field(default=0.99, gt=0, lt=1)
+    """Fraction of requests that must beat the threshold (0.99 = "99% under X ms")."""
+    availability_objective: float = Field(default=0.999, gt=0, lt=1)
+    """Fraction of requests that must not fail with a server-side error."""
+    period_s: float = Field(default=30 * 24 * 3600.0, gt=0)
+    """The SLO period over which the error budget is counted (default 30 days)."""
+    alerts: list[BurnRateAlertConfig] = Field(default_factory=_default_burn_rate_alerts)
+    """Burn-rate alerts (default: page 14.4x over 1 h & 5 min, page 6x over 6 h & 30 min,
+    ticket 1x over 3 d & 6 h)."""
+
+
+class DriftConfig(BaseModel):
+    """Input/output drift monitoring against the version's reference profile
+    (`<version>/reference_profile.json`, written by the trainer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_samples: int = Field(default=2000, ge=10)
+    """Live samples kept in the sliding window that is compared with the reference."""
+    min_samples: int = Field(default=200, ge=1)
+    """No score is reported before the window holds this many samples."""
+    warn_psi: float = Field(default=0.1, gt=0)
+    """PSI above this logs a warning."""
+    alert_psi: float = Field(default=0.25, gt=0)
+    """PSI above this fires the drift alert."""
+    confidence_output: str | None = None
+    """Output holding class probabilities; its top-class confidence is monitored too."""
+
+
+class AutoscalingConfig(BaseModel):
+    """Ray Serve `autoscaling_config` of a model's deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas kept running."""
+    max_replicas: int = Field(default=4, ge=1)
+    """Most replicas the autoscaler may start."""
+    target_ongoing_requests: float = Field(default=32.0, gt=0)
+    """Ongoing requests per replica the autoscaler aims at (a batch needs several)."""
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    """How long demand must stay high before replicas are added."""
+    downscale_delay_s: float = Field(default=120.0, ge=0)
+    """How long demand must stay low before replicas are removed."""
+
+
+class RayConfig(BaseModel):
+    """How a model runs as a Ray Serve deployment (`batchwire serve --ray`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    """CPUs reserved per replica (`ray_actor_options.num_cpus`)."""
+    num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs reserved per replica (`ray_actor_options.num_gpus`; > 0 for the GPU lane)."""
+    max_ongoing_requests: int | None = Field(default=None, ge=1)
+    """Requests one replica accepts at once; None = max_batch_size x (instances + 1), so
+    the batcher can fill batches while one runs."""
+    autoscaling: AutoscalingConfig | None = None
+    """Autoscaling bounds; None = a fixed `num_replicas`."""
+    num_replicas: int = Field(default=1, ge=1)
+    """Replicas when `autoscaling` is None."""
+
+
 class ModelConfig(BaseModel):
     """Everything the server needs to know to serve one model."""
 
@@ -175,6 +281,12 @@ class ModelConfig(BaseModel):
     """Route cheap requests to a bounded pool with no batching delay (None = batcher only)."""
     gpu: GpuConfig | None = None
     """Serve with a GPU engine where CUDA is available (None = the CPU `backend` only)."""
+    slo: SloConfig | None = None
+    """Latency and availability objectives (None = no SLO monitoring for this model)."""
+    drift: DriftConfig | None = None
+    """Drift monitoring against the reference profile (None = off)."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """Resources and autoscaling of the model's Ray Serve deployment (`serve --ray` only)."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
