@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Protocol
 
 import numpy as np
 
@@ -28,6 +29,8 @@ from batching.tensors import (
     split_outputs,
 )
 from batchwire.errors import ErrorCode, InferenceError
+from batchwire.histogram import Histogram
+from batchwire.types import RequestTiming
 from engines.base import Engine
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class BatcherStats:
         computed_requests: requests that reached the engine.
         compute_request_ns_total: engine time, summed over requests.
         batch_sizes: executed batches by size in samples.
+        queue_hist: per computed request, time queued.
+        compute_hist: per executed batch, engine time.
     """
 
     requests_total: int = 0
@@ -74,11 +79,51 @@ class BatcherStats:
     computed_requests: int = 0
     compute_request_ns_total: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    queue_hist: Histogram = field(default_factory=Histogram)
+    compute_hist: Histogram = field(default_factory=Histogram)
 
     @property
     def mean_batch_size(self) -> float:
         """Samples per executed batch (0.0 before the first batch)."""
         return self.samples_total / self.batches_total if self.batches_total else 0.0
+
+
+@dataclass(slots=True)
+class ExecutedBatch:
+    """What a `BatchObserver` learns about one executed batch.
+
+    Attributes:
+        name: the batcher's name (`model/version`).
+        inputs: the arrays the engine ran (padded to `padded_samples` rows on bucketed
+            engines); owned by the batch, so an observer may keep references.
+        outputs: the engine's outputs (same rows as `inputs`), or None when it failed.
+        samples: samples of the member requests (before padding).
+        padded_samples: samples the engine ran.
+        member_samples: samples of each member request, in batch order.
+        traces: each member's trace handle from `submit(trace=...)` (None = untraced).
+        start_ns: engine call start, batcher clock.
+        end_ns: engine call end, batcher clock.
+        error: the engine's exception when the batch failed.
+    """
+
+    name: str
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray] | None
+    samples: int
+    padded_samples: int
+    member_samples: list[int]
+    traces: list[object | None]
+    start_ns: int
+    end_ns: int
+    error: BaseException | None
+
+
+class BatchObserver(Protocol):
+    """Told about every executed batch (tracing, drift); called on the engine's thread
+    after the batch's callers were handed their results, so it never delays them."""
+
+    def on_batch(self, batch: ExecutedBatch) -> None:
+        """Observe one batch; must not raise (errors are logged and dropped)."""
 
 
 @dataclass(slots=True)
@@ -92,6 +137,8 @@ class _Pending:
     deadline_ns: int | None
     priority: int
     group: GroupKey | None
+    trace: object | None = None
+    timing: RequestTiming | None = None
 
 
 class DynamicBatcher:
@@ -122,6 +169,7 @@ class DynamicBatcher:
         name: for messages, logs and thread names.
         pad_variable_dims: let requests whose variable dims differ share a batch,
             zero-padded to the largest (only for models that mask padding).
+        observer: told about each executed batch (None = nobody).
     """
 
     def __init__(
@@ -134,6 +182,7 @@ class DynamicBatcher:
         clock: Callable[[], int] = time.monotonic_ns,
         name: str = "",
         pad_variable_dims: bool = False,
+        observer: BatchObserver | None = None,
     ) -> None:
         if not engines:
             raise ValueError("a batcher needs at least one engine instance")
@@ -146,6 +195,7 @@ class DynamicBatcher:
         self.clock = clock
         self.name = name
         self.pad = pad_variable_dims
+        self.observer = observer
         self.stats = BatcherStats()
         self._unbatched = policy.max_batch_size == 0
         # One FIFO per priority level; `_levels` lists the levels in service order.
@@ -226,7 +276,13 @@ class DynamicBatcher:
 
     # ------------------------------------------------------------------ submit
     async def submit(
-        self, inputs: dict[str, np.ndarray], *, deadline_ns: int | None = None, priority: int = 0
+        self,
+        inputs: dict[str, np.ndarray],
+        *,
+        deadline_ns: int | None = None,
+        priority: int = 0,
+        trace: object | None = None,
+        timing: RequestTiming | None = None,
     ) -> Outputs:
         """Queue one request and return its slice of the batch's outputs.
 
@@ -237,6 +293,9 @@ class DynamicBatcher:
             deadline_ns: clock time after which the request is dropped before compute;
                 the batcher's `default_timeout_ns` may only make it earlier.
             priority: lower numbers are served first (0 = default).
+            trace: an opaque handle (the request's span context) handed to the observer
+                with the batch, so a batch span can link to its members.
+            timing: filled in with when the request queued and computed, and its batch.
 
         Returns:
             name -> this request's rows of each output (views of the batch's outputs).
@@ -277,7 +336,9 @@ class DynamicBatcher:
         queue = self._queues.get(priority)
         if queue is None:
             queue = self._add_level(priority)
-        queue.append(_Pending(inputs, size, future, now, deadline_ns, priority, group))
+        queue.append(
+            _Pending(inputs, size, future, now, deadline_ns, priority, group, trace, timing)
+        )
         self._queued += 1
         self.stats.requests_total += 1
         if self._free and not self._pump_soon:
@@ -419,8 +480,11 @@ class DynamicBatcher:
         self._in_flight += 1
         now = self.clock()
         queue_ns = 0
+        observe = self.stats.queue_hist.observe_ns
         for pending in batch:
-            queue_ns += now - pending.enqueued_ns
+            waited = now - pending.enqueued_ns
+            queue_ns += waited
+            observe(waited)
         self.stats.queue_ns_total += queue_ns
         self._executors[instance].submit(self._run_batch, instance, batch)
 
@@ -434,30 +498,56 @@ class DynamicBatcher:
         """
         assert self._loop is not None
         sizes = [p.size for p in batch]
+        total = sum(sizes)
         start = self.clock()
         outcome: list[Outputs] | BaseException
+        inputs: dict[str, np.ndarray] = batch[0].inputs
+        outputs: Outputs | None = None
+        padded = total
         try:
             engine = self.engines[instance]
             if self._unbatched:
-                outcome = [engine.infer(batch[0].inputs)]
+                outputs = engine.infer(inputs)
+                outcome = [outputs]
             else:
                 inputs, _ = concat_inputs([p.inputs for p in batch])
                 # Engines built for fixed batch sizes (CUDA graphs) get the next bucket up;
                 # split_outputs drops the padding rows.
                 buckets: tuple[int, ...] = getattr(engine, "bucket_sizes", ())
-                i = bisect.bisect_left(buckets, sum(sizes))
+                i = bisect.bisect_left(buckets, total)
                 if i < len(buckets):
-                    inputs = pad_batch(inputs, buckets[i])
-                outcome = split_outputs(engine.infer(inputs), sizes)
+                    padded = buckets[i]
+                    inputs = pad_batch(inputs, padded)
+                outputs = engine.infer(inputs)
+                outcome = split_outputs(outputs, sizes)
         except BaseException as exc:  # whatever it is, it belongs to this batch's callers
             outcome = exc
-        elapsed_ns = self.clock() - start
+        end = self.clock()
         try:
             self._loop.call_soon_threadsafe(
-                self._finish, instance, batch, sum(sizes), outcome, elapsed_ns
+                self._finish, instance, batch, total, outcome, start, end
             )
         except RuntimeError:  # the loop closed under a computing batch: nobody is waiting
             logger.error("model %s: event loop closed while a batch computed", self.name)
+        observer = self.observer
+        if observer is not None:
+            error = outcome if isinstance(outcome, BaseException) else None
+            executed = ExecutedBatch(
+                self.name,
+                inputs,
+                None if error is not None else outputs,
+                total,
+                padded,
+                sizes,
+                [p.trace for p in batch],
+                start,
+                end,
+                error,
+            )
+            try:
+                observer.on_batch(executed)
+            except Exception:
+                logger.exception("model %s: batch observer failed", self.name)
 
     def _finish(
         self,
@@ -465,11 +555,22 @@ class DynamicBatcher:
         batch: list[_Pending],
         total: int,
         outcome: list[Outputs] | BaseException,
-        elapsed_ns: int,
+        start_ns: int,
+        end_ns: int,
     ) -> None:
         self._free.append(instance)
         self._in_flight -= 1
+        elapsed_ns = end_ns - start_ns
+        for pending in batch:
+            timing = pending.timing
+            if timing is not None:
+                timing.queued_ns = pending.enqueued_ns
+                timing.compute_start_ns = start_ns
+                timing.compute_end_ns = end_ns
+                timing.batch_samples = total
+                timing.batch_requests = len(batch)
         stats = self.stats
+        stats.compute_hist.observe_ns(elapsed_ns)
         stats.batches_total += 1
         stats.samples_total += total
         stats.batch_sizes[total] = stats.batch_sizes.get(total, 0) + 1

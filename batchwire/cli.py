@@ -5,11 +5,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from monitoring.hub import MonitoringSettings
+
+#: Triton's metrics port.
+DEFAULT_METRICS_PORT = 8002
+DEFAULT_TRACE_FILE = Path("traces/batchwire-spans.jsonl")
+
+
+def monitoring_settings(args: argparse.Namespace) -> MonitoringSettings | None:
+    """The monitoring part of `serve`'s flags (None = `--no-monitoring`)."""
+    if args.no_monitoring:
+        return None
+    import importlib.util  # TEMPORARY (lead): until monitoring.slo/drift land
+
+    if not all(importlib.util.find_spec(m) for m in ("monitoring.slo", "monitoring.drift")):
+        return None
+    from monitoring.hub import MonitoringSettings
+    from monitoring.tracing import TracingSettings
+
+    endpoint = args.otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    ratio = args.trace_sampling
+    if ratio is None:
+        ratio = 1.0 if endpoint else 0.0
+    tracing = (
+        TracingSettings(sampling_ratio=ratio, otlp_endpoint=endpoint, trace_file=args.trace_file)
+        if ratio > 0
+        else None
+    )
+    return MonitoringSettings(
+        metrics_host=args.metrics_host or args.host,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        tracing=tracing,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import ServeSettings, serve
 
+    if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
+        raise SystemExit(f"--trace-sampling {args.trace_sampling} is outside 0..1")
     settings = ServeSettings(
         model_repository=args.model_repository,
         host=args.host,
@@ -18,11 +57,12 @@ def _serve(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         shutdown_grace_s=args.shutdown_grace_s,
         reuse_port=args.reuse_port,
+        monitoring=monitoring_settings(args),
     )
     if args.workers > 1:
         from server.workers import serve_workers
 
-        return serve_workers(settings, args.workers, args.log_level)
+        return serve_workers(settings, args.workers, args.log_level, _monitoring_argv(args))
     return asyncio.run(serve(settings))
 
 
@@ -72,12 +112,80 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bind with SO_REUSEPORT (set on each --workers process; rarely needed by hand)",
     )
+    _add_monitoring_arguments(serve)
     serve.set_defaults(func=_serve)
 
     add_train_parser(sub)
     add_import_parser(sub)
     add_build_engine_parser(sub)
     return parser
+
+
+def _add_monitoring_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("monitoring (metrics, SLOs, drift, traces)")
+    group.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help="HTTP port of /metrics (Prometheus), /slo and /drift (default 8002; 0 = any free "
+        "port; with --workers N, worker i uses PORT+i)",
+    )
+    group.add_argument(
+        "--metrics-host", default=None, help="address of the metrics endpoint (default: --host)"
+    )
+    group.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="no metrics endpoint (SLO and drift alerts are still evaluated and logged)",
+    )
+    group.add_argument(
+        "--no-monitoring",
+        action="store_true",
+        help="no metrics endpoint, SLO, drift or tracing (ModelStatistics still counts)",
+    )
+    group.add_argument(
+        "--trace-sampling",
+        type=float,
+        default=None,
+        help="share of requests whose traces are exported, 0..1 (default 0 = tracing off; "
+        "1.0 when an OTLP endpoint is set)",
+    )
+    group.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export spans over OTLP/gRPC to this collector (default: "
+        "$OTEL_EXPORTER_OTLP_ENDPOINT; unset = the JSON-lines --trace-file)",
+    )
+    group.add_argument(
+        "--trace-file",
+        type=Path,
+        default=DEFAULT_TRACE_FILE,
+        help=f"JSON-lines span file when no OTLP endpoint is set (default {DEFAULT_TRACE_FILE})",
+    )
+
+
+def _monitoring_argv(args: argparse.Namespace) -> list[list[str]]:
+    """Per worker (`--workers N`): the monitoring flags it gets. Worker i's metrics port is
+    PORT+i (or 0) and its trace file gets a `.w<i>` suffix, so workers never collide."""
+    out = []
+    for i in range(args.workers):
+        argv: list[str] = []
+        if args.no_monitoring:
+            argv.append("--no-monitoring")
+        if args.no_metrics:
+            argv.append("--no-metrics")
+        port = args.metrics_port + i if args.metrics_port else 0
+        argv += ["--metrics-port", str(port)]
+        if args.metrics_host:
+            argv += ["--metrics-host", args.metrics_host]
+        if args.trace_sampling is not None:
+            argv += ["--trace-sampling", str(args.trace_sampling)]
+        if args.otlp_endpoint:
+            argv += ["--otlp-endpoint", args.otlp_endpoint]
+        trace_file: Path = args.trace_file
+        argv += ["--trace-file", str(trace_file.with_name(f"{trace_file.name}.w{i}"))]
+        out.append(argv)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

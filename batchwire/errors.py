@@ -24,12 +24,19 @@ class InferenceError(Exception):
     Args:
         code: the class of failure; decides the status code a front door answers with.
         message: a precise, human-readable explanation (names the input and what was expected).
+        reason: a short machine-readable label for metrics (e.g. `shape`, `datatype` for
+            rejected inputs); "" = the code says it all.
     """
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keeps code, message and reason across pickling (Ray replicas raise these).
+        return (type(self), (self.code, self.message, self.reason))
 
     def __repr__(self) -> str:
         return f"InferenceError({self.code.value}, {self.message!r})"

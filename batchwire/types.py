@@ -42,6 +42,27 @@ class InferRequest:
 
 
 @dataclass(slots=True)
+class RequestTiming:
+    """Where one request's time went, on the `time.monotonic_ns()` clock.
+
+    A front door that wants it (for trace spans) passes one to `ModelRuntime.infer`; the
+    runtime and the batcher fill it in. Zero means "did not happen" (a CPU-lane request
+    is never queued).
+    """
+
+    queued_ns: int = 0
+    """Entered the batcher's queue."""
+    compute_start_ns: int = 0
+    """Its batch (or its CPU-lane call) started on an engine."""
+    compute_end_ns: int = 0
+    """The engine returned."""
+    batch_samples: int = 0
+    """Samples in the batch it ran in (its own size on the CPU lane)."""
+    batch_requests: int = 0
+    """Requests in that batch."""
+
+
+@dataclass(slots=True)
 class InferResponse:
     """The result of one `InferRequest`: outputs keep the request's batch size on axis 0.
 

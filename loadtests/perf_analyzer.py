@@ -111,15 +111,16 @@ def run_perf_analyzer(
     }
 
 
-def launch_server(repository: Path) -> tuple[subprocess.Popen[str], str, str]:
-    """Start `batchwire serve --port 0`; return it, its address and its models line.
+def launch_server(repository: Path, *extra: str) -> tuple[subprocess.Popen[str], str, str]:
+    """Start `batchwire serve --port 0 --metrics-port 0 [extra...]`; return it, its address
+    and its models line.
 
     Raises:
         RuntimeError: the server exits or prints something else first (it is killed).
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "serve",
-         "--model-repository", str(repository), "--port", "0"],
+         "--model-repository", str(repository), "--port", "0", "--metrics-port", "0", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -128,7 +129,7 @@ def launch_server(repository: Path) -> tuple[subprocess.Popen[str], str, str]:
         proc.kill()
         proc.wait()
         raise RuntimeError(f"server did not start: {line!r}")
-    return proc, line.split()[3], line.split("models:", 1)[1].strip()
+    return proc, line.split()[3], line.split("models:", 1)[1].split(";", 1)[0].strip()
 
 
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:

@@ -8,6 +8,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,9 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.runtime import ModelRuntime
 from server.servicer import InferenceServicer
+
+if TYPE_CHECKING:
+    from monitoring.hub import Monitoring, MonitoringSettings
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +39,8 @@ class ServeSettings:
     shutdown_grace_s: float = 30.0
     reuse_port: bool = False
     """Bind with SO_REUSEPORT (set for the workers of `--workers N`, which share a port)."""
+    monitoring: MonitoringSettings | None = None
+    """Metrics endpoint, SLO and drift monitors, tracing; None = none of them."""
 
 
 class RunningServer:
@@ -47,12 +53,20 @@ class RunningServer:
         servicer: InferenceServicer,
         health_servicer: health.aio.HealthServicer,
         port: int,
+        monitoring: Monitoring | None = None,
     ) -> None:
         self.server = server
         self.runtime = runtime
         self.servicer = servicer
         self.health = health_servicer
         self.port = port
+        self.monitoring = monitoring
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port of the metrics HTTP endpoint, if one is open."""
+        http = self.monitoring.http if self.monitoring is not None else None
+        return http.port if http is not None else None
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Graceful stop: refuse new RPCs, finish in-flight and queued ones, then close.
@@ -64,12 +78,32 @@ class RunningServer:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         await self.runtime.close(drain=True)
+        if self.monitoring is not None:
+            await self.monitoring.close()
 
 
 async def start_server(settings: ServeSettings) -> RunningServer:
     """Load the repository, bind, and start serving; returns once the port is open."""
-    runtime = ModelRuntime(settings.model_repository, intra_op_threads=settings.intra_op_threads)
+    monitoring = None
+    if settings.monitoring is not None:
+        from monitoring.hub import Monitoring
+
+        monitoring = Monitoring(settings.monitoring)
+    runtime = ModelRuntime(
+        settings.model_repository,
+        intra_op_threads=settings.intra_op_threads,
+        observer_factory=monitoring.observer_factory if monitoring else None,
+        on_load=monitoring.on_load if monitoring else None,
+        on_unload=monitoring.on_unload if monitoring else None,
+    )
     await runtime.start()
+    if monitoring is not None:
+        try:
+            await monitoring.start(runtime)
+        except BaseException:
+            await runtime.close(drain=False)
+            await monitoring.close()
+            raise
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -78,7 +112,7 @@ async def start_server(settings: ServeSettings) -> RunningServer:
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ]
     server = grpc.aio.server(options=options)
-    servicer = InferenceServicer(runtime)
+    servicer = InferenceServicer(runtime, monitoring)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -96,7 +130,7 @@ async def start_server(settings: ServeSettings) -> RunningServer:
     )
     await health_servicer.set("", status)
     await health_servicer.set(SERVICE_NAME, status)
-    return RunningServer(server, runtime, servicer, health_servicer, port)
+    return RunningServer(server, runtime, servicer, health_servicer, port, monitoring)
 
 
 async def serve(settings: ServeSettings) -> int:
@@ -108,7 +142,15 @@ async def serve(settings: ServeSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     models = ", ".join(f"{m.config.name}/{m.version}" for m in running.runtime.loaded())
     # The one line on stdout: scripts and tests wait for it (the port matters with --port 0).
-    print(f"batchwire serving on {settings.host}:{running.port} models: {models}", flush=True)
+    metrics = running.metrics_port
+    where = (
+        f"; metrics on http://{settings.monitoring.metrics_host}:{metrics}/metrics"
+        if (metrics is not None and settings.monitoring is not None)
+        else ""
+    )
+    print(
+        f"batchwire serving on {settings.host}:{running.port} models: {models}{where}", flush=True
+    )
     try:
         await stop.wait()
         logger.info("shutting down: draining in-flight and queued requests")

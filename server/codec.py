@@ -35,7 +35,7 @@ _LENGTH: Final = struct.Struct("<I")
 
 
 def _invalid(message: str) -> InferenceError:
-    return InferenceError(ErrorCode.INVALID_INPUT, message)
+    return InferenceError(ErrorCode.INVALID_INPUT, message, reason="malformed")
 
 
 def _shape_text(shape: tuple[int, ...]) -> str:

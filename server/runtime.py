@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
-from batching.batcher import DynamicBatcher
+import numpy as np
+
+from batching.batcher import BatchObserver, DynamicBatcher
 from batching.lane import CpuLane
 from batching.policy import BatchPolicy
 from batchwire.config import ModelConfig, load_model_config, version_dirs
 from batchwire.datatypes import datatype_of
 from batchwire.errors import ErrorCode, InferenceError
-from batchwire.types import InferRequest, InferResponse, TensorSpec
+from batchwire.histogram import Histogram
+from batchwire.types import InferRequest, InferResponse, RequestTiming, TensorSpec
 from engines.base import Engine
 from engines.loader import instance_count, load_engine
 
@@ -39,12 +43,44 @@ class Duration:
 
 @dataclass(slots=True)
 class VersionStats:
-    """Request-level outcomes of one model version (batch-level counts live in the batcher)."""
+    """Request-level outcomes of one model version (batch-level counts live in the batcher).
+
+    Attributes:
+        success: requests that succeeded, and their time inside the runtime.
+        fail: requests that failed after validation started.
+        last_inference_ms: wall-clock time of the last success (Triton's `last_inference`).
+        lane_requests: successful requests by lane (`cpu`, `batched`).
+        failures: failed requests by error code (ErrorCode value).
+        rejected: requests rejected as invalid, by reason (`shape`, `datatype`...).
+        latency_hist: time inside the runtime of successful requests.
+    """
 
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     last_inference_ms: int = 0
     lane_requests: dict[str, int] = field(default_factory=lambda: {"cpu": 0, "batched": 0})
+    failures: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    latency_hist: Histogram = field(default_factory=Histogram)
+
+    def count_failure(self, exc: InferenceError) -> None:
+        """Count one failed request by its code (and reason, when it was rejected)."""
+        code = exc.code.value
+        self.failures[code] = self.failures.get(code, 0) + 1
+        if exc.code is ErrorCode.INVALID_INPUT:
+            reason = exc.reason or "invalid"
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+
+class ModelObserver(BatchObserver, Protocol):
+    """Monitoring of one model version: sees its batches and its CPU-lane requests."""
+
+    def on_lane(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Observe one request computed on the CPU lane (on the event loop: keep it cheap)."""
+
+
+#: Builds the observer of a model version being loaded: (config, version, folder) -> observer.
+ObserverFactory = Callable[[ModelConfig, int, Path], "ModelObserver | None"]
 
 
 @dataclass(slots=True)
@@ -61,6 +97,8 @@ class ModelVersion:
     on_gpu: bool = False
     """The batched lane runs a GPU engine (TensorRT or CUDA TorchScript)."""
     stats: VersionStats = field(default_factory=VersionStats)
+    observer: ModelObserver | None = None
+    """Monitoring hooks (tracing, drift), or None."""
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop the batcher (draining it when asked), then the CPU lane."""
@@ -89,11 +127,25 @@ class ModelRuntime:
     Args:
         repository: the model repository folder (`<model>/config.yaml`, `<model>/<version>/`).
         intra_op_threads: overrides every model's `intra_op_threads` when set.
+        observer_factory: builds each loaded version's monitoring hooks (None = none).
+        on_load: called with each model's config after it (re)loads; `on_unload` with its
+            name after it unloads (monitoring keeps its per-model state in step).
     """
 
-    def __init__(self, repository: Path, *, intra_op_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        *,
+        intra_op_threads: int | None = None,
+        observer_factory: ObserverFactory | None = None,
+        on_load: Callable[[ModelConfig], None] | None = None,
+        on_unload: Callable[[str], None] | None = None,
+    ) -> None:
         self.repository = repository
         self.intra_op_threads = intra_op_threads
+        self.observer_factory = observer_factory
+        self.on_load = on_load
+        self.on_unload = on_unload
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._load_errors: dict[str, str] = {}
         self._lock = asyncio.Lock()
@@ -153,6 +205,8 @@ class ModelRuntime:
             self._load_errors.pop(name, None)
         for v in old.values():
             await v.close(drain=True)
+        if self.on_load is not None:
+            self.on_load(next(iter(versions.values())).config)
         logger.info("loaded model %s versions %s", name, sorted(versions))
 
     async def unload(self, name: str) -> None:
@@ -167,6 +221,8 @@ class ModelRuntime:
             raise InferenceError(ErrorCode.NOT_FOUND, f"model '{name}' is not loaded")
         for v in versions.values():
             await v.close(drain=True)
+        if self.on_unload is not None:
+            self.on_unload(name)
         logger.info("unloaded model %s", name)
 
     def _build_versions(self, model_dir: Path) -> dict[int, ModelVersion]:
@@ -189,6 +245,11 @@ class ModelRuntime:
             ]
             for engine in engines:
                 engine.warmup()
+            observer = (
+                self.observer_factory(config, number, found[number])
+                if self.observer_factory is not None
+                else None
+            )
             batching = config.dynamic_batching
             policy = BatchPolicy.from_config(batching, config.max_batch_size)
             batcher = DynamicBatcher(
@@ -198,6 +259,7 @@ class ModelRuntime:
                 default_timeout_ns=batching.default_timeout_us * 1000 if batching else 0,
                 name=f"{config.name}/{number}",
                 pad_variable_dims=config.pad_variable_dims,
+                observer=observer,
             )
             lane = None
             if config.cpu_lane is not None:
@@ -224,6 +286,7 @@ class ModelRuntime:
                 outputs=tuple(t.spec() for t in config.outputs),
                 lane=lane,
                 on_gpu=type(engines[0]).__module__ in GPU_ENGINE_MODULES,
+                observer=observer,
             )
         return versions
 
@@ -291,30 +354,88 @@ class ModelRuntime:
                 UNAVAILABLE or INTERNAL.
         """
         model = self.get(name, version)
+        return await self.run(model, request, self.check(model, request))
+
+    def check(self, model: ModelVersion, request: InferRequest) -> int:
+        """Validate a request against a loaded version (`infer`'s first half, for front
+        doors that time it separately); counts a rejection in the version's statistics.
+
+        Returns:
+            The request's size in samples.
+
+        Raises:
+            InferenceError: INVALID_INPUT naming the tensor and what was expected.
+        """
+        try:
+            return validate(model, request)
+        except InferenceError as exc:
+            model.stats.count_failure(exc)
+            model.stats.fail.add(0)
+            raise
+
+    async def run(
+        self,
+        model: ModelVersion,
+        request: InferRequest,
+        samples: int,
+        *,
+        trace: object | None = None,
+        timing: RequestTiming | None = None,
+    ) -> InferResponse:
+        """Run a checked request on the CPU lane or through the batcher (`infer`'s second half).
+
+        Args:
+            model: the version `check` validated the request against.
+            request: the request.
+            samples: what `check` returned.
+            trace: an opaque trace handle passed to the batcher (for batch span links).
+            timing: filled in with queue and compute times, when given.
+
+        Raises:
+            InferenceError: QUEUE_FULL, DEADLINE_EXCEEDED, UNAVAILABLE or INTERNAL.
+        """
         start_ns = time.monotonic_ns()
         lane = "batched"
         try:
-            samples = validate(model, request)
             outputs = None
             if model.lane is not None and not model.batcher.closed:
                 outputs = await model.lane.try_run(request.inputs, samples)
             if outputs is None:
                 outputs = await model.batcher.submit(
-                    request.inputs, deadline_ns=request.deadline_ns, priority=request.priority
+                    request.inputs,
+                    deadline_ns=request.deadline_ns,
+                    priority=request.priority,
+                    trace=trace,
+                    timing=timing,
                 )
             else:
                 lane = "cpu"
+                if timing is not None:
+                    # NOTE: the lane ran inline or on its thread between these two points;
+                    # the span covers the hand-off too (it is the lane's cost).
+                    timing.compute_start_ns = start_ns
+                    timing.compute_end_ns = time.monotonic_ns()
+                    timing.batch_samples = samples
+                    timing.batch_requests = 1
+                if model.observer is not None:
+                    model.observer.on_lane(request.inputs, outputs)
+        except InferenceError as exc:
+            model.stats.count_failure(exc)
+            model.stats.fail.add(time.monotonic_ns() - start_ns)
+            raise
         except BaseException:
             model.stats.fail.add(time.monotonic_ns() - start_ns)
             raise
         stats = model.stats
-        stats.success.add(time.monotonic_ns() - start_ns)
+        elapsed_ns = time.monotonic_ns() - start_ns
+        stats.success.add(elapsed_ns)
+        stats.latency_hist.observe_ns(elapsed_ns)
         stats.last_inference_ms = time.time_ns() // 1_000_000
         stats.lane_requests[lane] += 1
         if request.requested_outputs is not None:
             outputs = {k: outputs[k] for k in request.requested_outputs}
         return InferResponse(
-            model_name=name,
+            model_name=model.config.name,
             model_version=str(model.version),
             outputs=outputs,
             id=request.id,
@@ -344,6 +465,7 @@ def validate(model: ModelVersion, request: InferRequest) -> int:
             raise InferenceError(
                 ErrorCode.INVALID_INPUT,
                 f"unexpected input '{given}' for model '{name}'; expected {sorted(declared)}",
+                reason="unexpected_input",
             )
     required = _required_inputs(model, inputs)
     batch_size: int | None = None
@@ -356,6 +478,7 @@ def validate(model: ModelVersion, request: InferRequest) -> int:
             raise InferenceError(
                 ErrorCode.INVALID_INPUT,
                 f"missing input '{spec.name}' for model '{name}'; expected {sorted(required)}",
+                reason="missing_input",
             )
         datatype = datatype_of(array)
         if datatype != spec.datatype:
@@ -363,6 +486,7 @@ def validate(model: ModelVersion, request: InferRequest) -> int:
                 ErrorCode.INVALID_INPUT,
                 f"input '{spec.name}': datatype {datatype} does not match the model's "
                 f"{spec.datatype}",
+                reason="datatype",
             )
         shape = array.shape
         expected = ((-1,) if batching else ()) + spec.dims
@@ -373,6 +497,7 @@ def validate(model: ModelVersion, request: InferRequest) -> int:
                 ErrorCode.INVALID_INPUT,
                 f"input '{spec.name}': shape {_dims_text(shape)} does not match the model's "
                 f"{_dims_text(expected)}",
+                reason="shape",
             )
         if batching:
             n = shape[0]
@@ -381,6 +506,7 @@ def validate(model: ModelVersion, request: InferRequest) -> int:
                     ErrorCode.INVALID_INPUT,
                     f"input '{spec.name}': batch size {n} is outside 1..{config.max_batch_size} "
                     f"(max_batch_size of model '{name}')",
+                    reason="batch_size",
                 )
             if batch_size is None:
                 batch_size = n
@@ -389,6 +515,7 @@ def validate(model: ModelVersion, request: InferRequest) -> int:
                     ErrorCode.INVALID_INPUT,
                     f"input '{spec.name}': batch size {n} differs from the other inputs' "
                     f"{batch_size}",
+                    reason="batch_size",
                 )
     if request.requested_outputs is not None:
         known = {spec.name for spec in model.outputs}
@@ -397,6 +524,7 @@ def validate(model: ModelVersion, request: InferRequest) -> int:
                 raise InferenceError(
                     ErrorCode.INVALID_INPUT,
                     f"unexpected output '{out}' for model '{name}'; expected {sorted(known)}",
+                    reason="unexpected_output",
                 )
     return batch_size if batch_size is not None else 1
 
@@ -417,6 +545,7 @@ def _required_inputs(model: ModelVersion, inputs: Mapping[str, object]) -> set[s
                 ErrorCode.INVALID_INPUT,
                 f"model '{config.name}': send either '{text}' or {sorted(tokens)}, not both "
                 f"(got {sorted(inputs)})",
+                reason="text_and_tokens",
             )
         return required | {text}
     return required | tokens

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import grpc
 
 import batchwire
 from batchwire.errors import ErrorCode, InferenceError
+from batchwire.types import RequestTiming
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
@@ -19,7 +20,14 @@ from server.codec import decode_request, encode_response
 from server.runtime import ModelRuntime, ModelVersion
 from server.status import grpc_status
 
+if TYPE_CHECKING:  # the servicer runs without monitoring too (tests, --no-monitoring)
+    from monitoring.hub import Monitoring
+
 logger = logging.getLogger(__name__)
+
+SERVICE: Final = "inference.GRPCInferenceService"
+METHOD_INFER: Final = f"{SERVICE}/ModelInfer"
+METHOD_STREAM: Final = f"{SERVICE}/ModelStreamInfer"
 
 SERVER_NAME: Final = "batchwire"
 #: Protocol extensions this server implements (reported by ServerMetadata).
@@ -98,10 +106,16 @@ def _config_dtype(datatype: str) -> int:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Serves the Open Inference Protocol from a `ModelRuntime`."""
+    """Serves the Open Inference Protocol from a `ModelRuntime`.
 
-    def __init__(self, runtime: ModelRuntime) -> None:
+    Args:
+        runtime: the models.
+        monitoring: traces and SLO feed for inference requests (None = neither).
+    """
+
+    def __init__(self, runtime: ModelRuntime, monitoring: Monitoring | None = None) -> None:
         self._runtime = runtime
+        self._monitoring = monitoring
         self.accepting = True
 
     async def ServerLive(
@@ -149,7 +163,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
-        # NOTE: the hot path; kept flat (no nested closure) to save a few microseconds.
+        monitoring = self._monitoring
+        if monitoring is not None:
+            try:
+                # NOTE: metadata (for `traceparent`) costs a tuple build: only when tracing.
+                metadata = context.invocation_metadata() if monitoring.tracer else None
+                return await self._observed_infer(
+                    request, deadline_ns(context), metadata, METHOD_INFER
+                )
+            except InferenceError as exc:
+                if context.done():
+                    return pb.ModelInferResponse()
+                await context.abort(grpc_status(exc.code), exc.message)
+            except Exception as exc:
+                logger.exception("unexpected error in ModelInfer")
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            raise AssertionError("unreachable: abort raises")
+        # NOTE: the unmonitored hot path; kept flat (no nested closure) to save a few µs.
         try:
             decoded = decode_request(request, deadline_ns(context))
             response = await self._runtime.infer(request.model_name, request.model_version, decoded)
@@ -175,15 +205,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
 
+        monitoring = self._monitoring
+        metadata = context.invocation_metadata() if monitoring and monitoring.tracer else None
+
         async def one(request: pb.ModelInferRequest) -> None:
             try:
-                decoded = decode_request(request, deadline_ns(context))
-                response = await self._runtime.infer(
-                    request.model_name, request.model_version, decoded
-                )
-                await done.put(
-                    pb.ModelStreamInferResponse(infer_response=encode_response(response))
-                )
+                if self._monitoring is not None:
+                    encoded = await self._observed_infer(
+                        request, deadline_ns(context), metadata, METHOD_STREAM
+                    )
+                else:
+                    decoded = decode_request(request, deadline_ns(context))
+                    response = await self._runtime.infer(
+                        request.model_name, request.model_version, decoded
+                    )
+                    encoded = encode_response(response)
+                await done.put(pb.ModelStreamInferResponse(infer_response=encoded))
             except InferenceError as exc:
                 failed = pb.ModelStreamInferResponse(error_message=exc.message)
                 failed.infer_response.id = request.id
@@ -207,6 +244,67 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             read_task.cancel()
             for task in list(pending):
                 task.cancel()
+
+    async def _observed_infer(
+        self,
+        request: pb.ModelInferRequest,
+        deadline: int | None,
+        metadata: Sequence[tuple[str, str | bytes]] | None,
+        method: str,
+    ) -> pb.ModelInferResponse:
+        """Decode, run and encode one request, tracing it (or feeding the SLO monitor).
+
+        Raises:
+            InferenceError: as `ModelRuntime.infer` (and INVALID_INPUT from decoding).
+        """
+        monitoring = self._monitoring
+        assert monitoring is not None
+        tracer = monitoring.tracer
+        start_ns = time.monotonic_ns()
+        status = "OK"
+        version = request.model_version
+        lane = ""
+        samples = decoded_ns = encode_ns = 0
+        timing = RequestTiming() if tracer is not None else None
+        handle = tracer.begin(metadata) if tracer is not None else None
+        try:
+            model = self._runtime.get(request.model_name, version)
+            version = str(model.version)
+            try:
+                decoded = decode_request(request, deadline)
+            except InferenceError as exc:
+                model.stats.count_failure(exc)
+                raise
+            samples = self._runtime.check(model, decoded)
+            decoded_ns = time.monotonic_ns()
+            response = await self._runtime.run(
+                model,
+                decoded,
+                samples,
+                trace=handle.link if handle is not None else None,
+                timing=timing,
+            )
+            lane = str(response.parameters.get("batchwire_lane", ""))
+            encode_ns = time.monotonic_ns()
+            return encode_response(response)
+        except InferenceError as exc:
+            status = grpc_status(exc.code).name
+            raise
+        except asyncio.CancelledError:
+            status = "CANCELLED"
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            end_ns = time.monotonic_ns()
+            if tracer is not None and handle is not None:
+                tracer.end_request(
+                    handle, method, request.model_name, version, lane, samples, request.id,
+                    status, start_ns, decoded_ns, timing, encode_ns, end_ns,
+                )  # fmt: skip
+            else:
+                monitoring.record_request(request.model_name, (end_ns - start_ns) / 1e9, status)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]

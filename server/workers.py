@@ -32,8 +32,10 @@ def reserve_port(host: str) -> socket.socket:
     return sock
 
 
-def worker_command(settings: ServeSettings, port: int, log_level: str) -> list[str]:
-    """The command line of one worker process."""
+def worker_command(
+    settings: ServeSettings, port: int, log_level: str, extra: Sequence[str] = ()
+) -> list[str]:
+    """The command line of one worker process (`extra`: its monitoring flags)."""
     cmd = [
         sys.executable, "-m", "batchwire", "--log-level", log_level, "serve",
         "--model-repository", str(settings.model_repository), "--host", settings.host,
@@ -42,7 +44,7 @@ def worker_command(settings: ServeSettings, port: int, log_level: str) -> list[s
     ]  # fmt: skip
     if settings.intra_op_threads is not None:
         cmd += ["--intra-op-threads", str(settings.intra_op_threads)]
-    return cmd
+    return cmd + list(extra)
 
 
 def _wait_ready(workers: Sequence[subprocess.Popen[str]]) -> list[str]:
@@ -60,8 +62,19 @@ def _wait_ready(workers: Sequence[subprocess.Popen[str]]) -> list[str]:
     return lines
 
 
-def serve_workers(settings: ServeSettings, workers: int, log_level: str) -> int:
+def serve_workers(
+    settings: ServeSettings,
+    workers: int,
+    log_level: str,
+    worker_args: Sequence[Sequence[str]] | None = None,
+) -> int:
     """Run `workers` server processes on one port until SIGTERM/SIGINT; then stop them.
+
+    Args:
+        settings: the serve settings every worker gets.
+        workers: how many processes.
+        log_level: their logging level.
+        worker_args: extra flags per worker (monitoring ports and files), one list each.
 
     Returns:
         0 when every worker drained and exited 0, else 1.
@@ -76,15 +89,18 @@ def serve_workers(settings: ServeSettings, workers: int, log_level: str) -> int:
         signal.signal(sig, lambda *_: stop.set())
     procs = [
         subprocess.Popen(
-            worker_command(settings, port, log_level), stdout=subprocess.PIPE, text=True
+            worker_command(settings, port, log_level, worker_args[i] if worker_args else ()),
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        for _ in range(workers)
+        for i in range(workers)
     ]
     try:
         lines = _wait_ready(procs)
         if reserved is not None:
             reserved.close()
-        models = lines[0].split("models:", 1)[1].strip() if "models:" in lines[0] else ""
+        models = lines[0].split("models:", 1)[1] if "models:" in lines[0] else ""
+        models = models.split(";", 1)[0].strip()  # each worker has its own metrics port
         print(
             f"batchwire serving on {settings.host}:{port} models: {models} workers: {workers}",
             flush=True,

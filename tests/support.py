@@ -21,6 +21,8 @@ class ServerProcess:
     process: subprocess.Popen[str]
     port: int
     log_path: Path
+    metrics_port: int | None = None
+    """Port of its /metrics endpoint (None with --no-metrics / --no-monitoring)."""
 
     @property
     def address(self) -> str:
@@ -47,7 +49,7 @@ def start_server(repository: Path, log_path: Path, *extra: str) -> ServerProcess
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "batchwire", "serve", "--model-repository", str(repository),
-         "--host", "127.0.0.1", "--port", "0", *extra],
+         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *extra],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
     )  # fmt: skip
     assert process.stdout is not None
@@ -62,4 +64,9 @@ def start_server(repository: Path, log_path: Path, *extra: str) -> ServerProcess
         process.wait()
         raise RuntimeError(f"server did not start: {line!r}\n{log_path.read_text()}")
     port = int(line.split()[3].rsplit(":", 1)[1])
-    return ServerProcess(process, port, log_path)
+    metrics = (
+        line.split("metrics on http://", 1)[1].split("/", 1)[0] if "metrics on" in line else ""
+    )
+    return ServerProcess(
+        process, port, log_path, int(metrics.rsplit(":", 1)[1]) if metrics else None
+    )

@@ -126,7 +126,7 @@ def server_spec(
             raise ValueError("batchwire needs a model repository holding mlp64")
         argv = [python, "-m", "batchwire", "--log-level", "WARNING", "serve",
                 "--model-repository", str(model_repository),
-                "--host", "127.0.0.1", "--port", "0"]  # fmt: skip
+                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]  # fmt: skip
         return ServerSpec(name, argv)
     if name == "bare":
         return ServerSpec(

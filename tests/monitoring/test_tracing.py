@@ -1,0 +1,248 @@
+"""Tracing: sampling, parent continuation, span layout, batch links, the JSON-lines file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
+
+from batching.batcher import DynamicBatcher, ExecutedBatch
+from batching.policy import BatchPolicy
+from batchwire.types import RequestTiming
+from monitoring import spans as S
+from monitoring.tracing import (
+    JsonLinesSpanExporter,
+    RequestTracer,
+    TraceHandle,
+    TracingSettings,
+)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+class MemoryExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+class Ended(SpanProcessor):
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+def make_tracer(ratio: float = 1.0) -> tuple[RequestTracer, MemoryExporter, Ended]:
+    exporter, ended = MemoryExporter(), Ended()
+    settings = TracingSettings(sampling_ratio=ratio, flush_interval_s=3600)
+    return RequestTracer(settings, processors=[ended], exporter=exporter), exporter, ended
+
+
+def finish(
+    tracer: RequestTracer,
+    handle: TraceHandle,
+    status: str = "OK",
+    lane: str = "batched",
+    timing: RequestTiming | None = None,
+) -> None:
+    timing = timing or RequestTiming(
+        queued_ns=1_200,
+        compute_start_ns=1_500,
+        compute_end_ns=1_800,
+        batch_samples=4,
+        batch_requests=2,
+    )
+    tracer.end_request(handle, "inference.GRPCInferenceService/ModelInfer", "digits", "1", lane,
+                       2, "req-7", status, 1_000, 1_100, timing, 1_900, 2_000)  # fmt: skip
+
+
+def test_request_spans_follow_the_rpc_conventions_and_continue_the_traceparent() -> None:
+    tracer, exporter, ended = make_tracer()
+    try:
+        handle = tracer.begin([("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")])
+        finish(tracer, handle)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    by_name = {s.name: s for s in exporter.spans}
+    server = by_name["inference.GRPCInferenceService/ModelInfer"]
+    assert server.kind is SpanKind.SERVER
+    assert f"{server.context.trace_id:032x}" == TRACE_ID
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_ID
+    assert server.parent.is_remote
+    attrs = dict(server.attributes or {})
+    assert attrs[S.RPC_SYSTEM_NAME] == attrs[S.RPC_SYSTEM] == "grpc"
+    assert attrs[S.RPC_METHOD] == "inference.GRPCInferenceService/ModelInfer"
+    assert attrs[S.RPC_SERVICE] == "inference.GRPCInferenceService"
+    assert attrs[S.RPC_RESPONSE_STATUS_CODE] == "OK" and attrs[S.RPC_GRPC_STATUS_CODE] == 0
+    assert attrs[S.MODEL_NAME] == "digits" and attrs[S.MODEL_VERSION] == "1"
+    assert attrs[S.LANE] == "batched" and attrs[S.REQUEST_SAMPLES] == 2
+    assert set(by_name) == {server.name, S.DECODE, S.QUEUE, S.ENCODE}
+    for name in (S.DECODE, S.QUEUE, S.ENCODE):
+        child = by_name[name]
+        assert child.parent is not None and child.parent.span_id == server.context.span_id
+        assert child.context.trace_id == server.context.trace_id
+        assert server.start_time <= child.start_time <= child.end_time <= server.end_time
+    # Durations are the recorded monotonic intervals, whatever the epoch offset.
+    assert by_name[S.QUEUE].end_time - by_name[S.QUEUE].start_time == 300
+    assert by_name[S.DECODE].end_time - by_name[S.DECODE].start_time == 100
+    assert server.end_time - server.start_time == 1_000
+    assert [s.name for s in ended.spans].count(server.name) == 1
+
+
+def test_unsampled_parent_reaches_processors_but_not_the_exporter() -> None:
+    tracer, exporter, ended = make_tracer(ratio=1.0)
+    try:
+        handle = tracer.begin([("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-00")])
+        assert not handle.sampled and handle.link is None
+        finish(tracer, handle)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    assert exporter.spans == []
+    assert len(ended.spans) == 1 and ended.spans[0].kind is SpanKind.SERVER
+    assert not ended.spans[0].context.trace_flags.sampled
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 1.0])
+def test_sampling_ratio_decides_new_traces(ratio: float) -> None:
+    tracer, _, _ = make_tracer(ratio)
+    try:
+        sampled = sum(tracer.begin(None).sampled for _ in range(4000))
+    finally:
+        tracer.shutdown()
+    assert abs(sampled / 4000 - ratio) < 0.05
+
+
+def test_server_errors_mark_the_span_and_client_errors_do_not() -> None:
+    tracer, exporter, _ = make_tracer()
+    try:
+        finish(tracer, tracer.begin(None), status="INTERNAL")
+        finish(tracer, tracer.begin(None), status="INVALID_ARGUMENT")
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    servers = [s for s in exporter.spans if s.kind is SpanKind.SERVER]
+    status = {dict(s.attributes or {})[S.RPC_RESPONSE_STATUS_CODE]: s.status for s in servers}
+    assert not status["INTERNAL"].is_ok
+    assert status["INVALID_ARGUMENT"].is_ok
+
+
+def test_cpu_lane_request_gets_an_engine_child_and_no_queue() -> None:
+    tracer, exporter, _ = make_tracer()
+    try:
+        timing = RequestTiming(compute_start_ns=1_200, compute_end_ns=1_300, batch_samples=2,
+                               batch_requests=1)  # fmt: skip
+        finish(tracer, tracer.begin(None), lane="cpu", timing=timing)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    names = sorted(s.name for s in exporter.spans if s.kind is not SpanKind.SERVER)
+    assert names == [S.DECODE, S.ENCODE, S.ENGINE]
+
+
+class SumEngine:
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"OUT": inputs["IN"].sum(axis=1, keepdims=True)}
+
+    def warmup(self) -> None:
+        pass
+
+
+class TracingObserver:
+    def __init__(self, tracer: RequestTracer) -> None:
+        self.tracer = tracer
+        self.batches: list[ExecutedBatch] = []
+
+    def on_batch(self, batch: ExecutedBatch) -> None:
+        self.batches.append(batch)
+        self.tracer.record_batch("sum", "1", batch)
+
+
+@pytest.mark.asyncio
+async def test_batch_span_links_to_exactly_its_member_requests() -> None:
+    tracer, exporter, _ = make_tracer()
+    observer = TracingObserver(tracer)
+    # A long queue delay and a preferred size of 6 samples: the 3 requests of 2 samples
+    # share one batch, the 4th (alone, 1 sample) goes in a second one at close.
+    policy = BatchPolicy(max_batch_size=6, preferred_batch_sizes=(6,), max_queue_delay_ns=10**9)
+    batcher = DynamicBatcher([SumEngine()], policy, name="sum/1", observer=observer)
+    batcher.start()
+    handles = [tracer.begin(None) for _ in range(4)]
+    unsampled = TraceHandle(1, 2, 0, sampled=False)
+    try:
+        first = [
+            batcher.submit({"IN": np.ones((2, 3), np.float32)}, trace=h.link) for h in handles[:3]
+        ]
+        results = await asyncio.gather(*first)
+        assert all(r["OUT"].shape == (2, 1) for r in results)
+        last = asyncio.ensure_future(
+            batcher.submit({"IN": np.ones((1, 3), np.float32)}, trace=handles[3].link)
+        )
+        other = asyncio.ensure_future(
+            batcher.submit({"IN": np.ones((1, 3), np.float32)}, trace=unsampled.link)
+        )
+        await asyncio.sleep(0)
+        await batcher.close(drain=True)
+        await asyncio.gather(last, other)
+    finally:
+        await asyncio.to_thread(tracer.shutdown)
+    batches = [s for s in exporter.spans if s.name == S.BATCH]
+    assert len(batches) == len(observer.batches) == 2
+    linked = [{(k.context.trace_id, k.context.span_id) for k in b.links} for b in batches]
+    assert linked[0] == {(h.trace_id, h.span_id) for h in handles[:3]}
+    assert linked[1] == {(handles[3].trace_id, handles[3].span_id)}  # not the unsampled one
+    attrs = dict(batches[0].attributes or {})
+    assert attrs[S.BATCH_SIZE] == 6 and attrs[S.BATCH_REQUESTS] == 3
+    assert attrs[S.BATCH_PADDED_SIZE] == 6 and attrs[S.LANE] == "batched"
+    assert dict(batches[1].attributes or {})[S.BATCH_REQUESTS] == 2
+    engines = [s for s in exporter.spans if s.name == S.ENGINE]
+    assert {e.parent.span_id for e in engines if e.parent} == {b.context.span_id for b in batches}
+
+
+def test_json_lines_file_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "spans" / "out.jsonl"
+    exporter = JsonLinesSpanExporter(path)
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=exporter)
+    try:
+        handle = tracer.begin([("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")])
+        finish(tracer, handle)
+    finally:
+        tracer.shutdown()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 4
+    server = next(r for r in rows if r["kind"] == "SERVER")
+    assert server["trace_id"] == TRACE_ID and server["parent_span_id"] == PARENT_ID
+    assert server["end_ns"] - server["start_ns"] == 1_000
+    assert server["attributes"][S.MODEL_NAME] == "digits"
+    assert {r["parent_span_id"] for r in rows if r["kind"] != "SERVER"} == {server["span_id"]}
+
+
+def test_json_lines_file_rotates(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    tracer = RequestTracer(
+        TracingSettings(flush_interval_s=3600),
+        exporter=JsonLinesSpanExporter(path, max_bytes=2_000),
+    )
+    try:
+        for _ in range(20):
+            finish(tracer, tracer.begin(None))
+            tracer.flush()
+    finally:
+        tracer.shutdown()
+    rotated = path.with_name("out.jsonl.1")
+    assert rotated.exists() and rotated.stat().st_size > 2_000
+    assert path.stat().st_size <= 2_000 + 4_000  # at most one flush past the limit
