@@ -43,7 +43,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 typecheck: venv
-	$(VENV)/bin/mypy batchwire server batching engines trainer loadtests
+	$(VENV)/bin/mypy batchwire server batching engines trainer loadtests monitoring
 
 perf-analyzer:
 	../shared/tools/install-perf-analyzer.sh .perf-analyzer

@@ -21,10 +21,6 @@ def monitoring_settings(args: argparse.Namespace) -> MonitoringSettings | None:
     """The monitoring part of `serve`'s flags (None = `--no-monitoring`)."""
     if args.no_monitoring:
         return None
-    import importlib.util  # TEMPORARY (lead): until monitoring.slo/drift land
-
-    if not all(importlib.util.find_spec(m) for m in ("monitoring.slo", "monitoring.drift")):
-        return None
     from monitoring.hub import MonitoringSettings
     from monitoring.tracing import TracingSettings
 
@@ -68,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `batchwire` command."""
+    from monitoring.slo_cli import add_slo_parser
     from trainer.cli import (
         add_build_engine_parser,
         add_import_parser,
@@ -118,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_import_parser(sub)
     add_build_engine_parser(sub)
+    add_slo_parser(sub)
     return parser
 
 

@@ -157,6 +157,8 @@ class RequestTracer:
         self.dropped = 0
         """Records dropped because the shipper fell behind."""
         self.exported_spans = 0
+        # NOTE: read once: spans of one server share one clock mapping, so a child never
+        # lands outside its parent because the two were shipped at different times.
         self._offset_ns = monotonic_to_epoch_offset_ns()
         self._wake = threading.Event()
         self._stopping = False
@@ -256,7 +258,6 @@ class RequestTracer:
         records = self._records
         if not records:
             return
-        self._offset_ns = monotonic_to_epoch_offset_ns()
         exported: list[ReadableSpan] = []
         processors = self.processors
         n = len(records)

@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from batchwire.config import DynamicBatchingConfig, ModelConfig, TensorConfig, TokenizerConfig
+from batchwire.config import (
+    DynamicBatchingConfig,
+    ModelConfig,
+    SloConfig,
+    TensorConfig,
+    TokenizerConfig,
+)
 from trainer.publish import file_sha256, next_version, publish_version, staging_dir
 
 if TYPE_CHECKING:
@@ -129,6 +135,8 @@ def minilm_config() -> ModelConfig:
         # Padding is masked (attention_mask 0, and mean pooling ignores it), so requests
         # of different token lengths can share a batch.
         pad_variable_dims=True,
+        # 99% of requests within this, server-side, on a 2-core host.
+        slo=SloConfig(latency_threshold_ms=1000.0),
     )
 
 

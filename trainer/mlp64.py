@@ -9,7 +9,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from batchwire.config import CpuLaneConfig, DynamicBatchingConfig, ModelConfig, TensorConfig
+from batchwire.config import (
+    CpuLaneConfig,
+    DynamicBatchingConfig,
+    ModelConfig,
+    SloConfig,
+    TensorConfig,
+)
 from trainer.publish import file_sha256, next_version, publish_version, staging_dir
 
 NAME = "mlp64"
@@ -35,6 +41,8 @@ def mlp64_config() -> ModelConfig:
             max_queue_delay_us=MAX_QUEUE_DELAY_US, max_queue_size=MAX_QUEUE_SIZE
         ),
         cpu_lane=CpuLaneConfig(max_samples=CPU_LANE_MAX_SAMPLES, instances=1, inline=True),
+        # 99% of requests within this, server-side, on a 2-core host.
+        slo=SloConfig(latency_threshold_ms=25.0),
     )
 
 

@@ -88,7 +88,7 @@ def test_publishes_a_complete_version_folder(first: TrainResult, repository: Pat
     assert first.model_dir == repository / "digits"
     assert first.version_dir == repository / "digits" / "1"
     assert sorted(p.name for p in first.version_dir.iterdir()) == [
-        "model.onnx", "model.pt", MODEL_CARD_FILENAME,
+        "model.onnx", "model.pt", MODEL_CARD_FILENAME, "reference_profile.json",
     ]  # fmt: skip
     leftovers = [p.name for p in first.model_dir.iterdir() if p.name.startswith(".")]
     assert leftovers == []

@@ -1,0 +1,145 @@
+"""What monitoring costs: `mlp64` throughput at concurrency 32 with each monitoring setting.
+
+    python -m loadtests.monitoring_overhead [--runs 3] [--concurrency 32] [--otlp]
+
+Serves a fresh `mlp64` repository (with a drift block and a reference profile, so drift
+runs too) once per setting and round, and drives it with perf_analyzer:
+
+- `off`: `--no-monitoring` (the baseline: no metrics, SLO, drift or tracing);
+- `metrics+slo+drift`: the default (tracing off);
+- `tracing 100% file`: the default plus every request traced to the JSON-lines file;
+- `tracing 100% otlp` (with `--otlp`): traced to an OTLP/gRPC receiver in this process.
+
+Settings alternate within each round so drift in the box's load hits them alike. Prints
+the median throughput and p99 per setting and its ratio to `off`; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from batchwire.config import DriftConfig, load_model_config, write_model_config
+from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, launch_server, run_perf_analyzer
+from trainer.mlp64 import create_mlp64
+
+#: The overhead targets of issue #5, as the smallest throughput ratio to `off`.
+TARGETS = {"metrics+slo+drift": 0.98, "tracing 100% file": 0.90, "tracing 100% otlp": 0.90}
+
+
+def mlp64_with_drift(repository: Path) -> None:
+    """Write mlp64 plus a reference profile of perf_analyzer-like inputs and a drift block."""
+    from monitoring.drift import build_profile, write_profile
+
+    version_dir = create_mlp64(repository)
+    model_dir = version_dir.parent
+    config = load_model_config(model_dir)
+    config = config.model_copy(update={"drift": DriftConfig()})
+    write_model_config(model_dir, config)
+    # perf_analyzer's random data: uniform in [0, 1).
+    rng = np.random.default_rng(0)
+    inputs = rng.random((5000, 64), dtype=np.float32)
+    write_profile(build_profile({"INPUT": inputs}, None), version_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--interval-ms", type=int, default=3000)
+    parser.add_argument("--otlp", action="store_true", help="also trace to an OTLP receiver")
+    parser.add_argument("--tool", type=Path, default=DEFAULT_TOOL)
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "loadtests" / "results" / "monitoring_overhead.json"
+    )
+    args = parser.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="batchwire-overhead-"))
+    repository = work / "repo"
+    mlp64_with_drift(repository)
+    sink = None
+    settings: dict[str, list[str]] = {
+        "off": ["--no-monitoring"],
+        "metrics+slo+drift": [],
+        "tracing 100% file": ["--trace-sampling", "1", "--trace-file", str(work / "spans.jsonl")],
+    }
+    if args.otlp:
+        from loadtests.otlp_sink import OtlpSink
+
+        sink = OtlpSink(keep_spans=False)
+        settings["tracing 100% otlp"] = ["--trace-sampling", "1", "--otlp-endpoint", sink.endpoint]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    try:
+        for round_ in range(args.runs):
+            for name, extra in settings.items():
+                proc, address, _ = launch_server(repository, *extra)
+                try:
+                    result = run_perf_analyzer(
+                        args.tool, address, args.concurrency, args.interval_ms, model="mlp64"
+                    )
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+                runs[name].append(result)
+                print(
+                    f"round {round_ + 1} {name:>20}: {result['throughput_infer_s']:8.0f} infer/s"
+                    f" p99 {result['p99_us'] / 1000:6.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        if sink is not None:
+            sink.stop()
+
+    base = statistics.median(r["throughput_infer_s"] for r in runs["off"])
+    print(
+        f"mlp64, perf_analyzer -b 1 --concurrency-range {args.concurrency}, "
+        f"median of {args.runs} runs per setting"
+    )
+    print(f"{'setting':>20} {'infer/s':>9} {'p99 ms':>7} {'vs off':>7} {'target':>7}")
+    table = []
+    for name, results in runs.items():
+        throughput = statistics.median(r["throughput_infer_s"] for r in results)
+        p99_ms = statistics.median(r["p99_us"] for r in results) / 1000
+        ratio = throughput / base
+        target = TARGETS.get(name)
+        met = "" if target is None else ("met" if ratio >= target else "MISSED")
+        print(
+            f"{name:>20} {throughput:>9.0f} {p99_ms:>7.2f} {ratio:>7.3f} "
+            f"{'' if target is None else f'>={target}':>7} {met}"
+        )
+        table.append(
+            {"setting": name, "median_infer_s": throughput, "median_p99_ms": p99_ms,
+             "ratio_vs_off": ratio, "target_ratio": target, "runs": results}
+        )  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "machine": f"{platform.node()} {os.cpu_count()} cpus",
+                "command": "python -m loadtests.monitoring_overhead "
+                + " ".join(argv or sys.argv[1:]),
+                "results": table,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

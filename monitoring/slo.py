@@ -1,0 +1,403 @@
+"""Latency and availability SLOs per model, with multiwindow, multi-burn-rate alerts.
+
+Each model with an `slo:` block in its config.yaml has two SLIs:
+
+- **availability**: the share of *valid* requests that did not fail on the server's side.
+  Server-side failures are the statuses in `SERVER_FAILURES` (INTERNAL, UNAVAILABLE,
+  DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNKNOWN, DATA_LOSS, UNIMPLEMENTED). Client errors
+  (INVALID_ARGUMENT, NOT_FOUND, CANCELLED...) are not the server's fault and count in
+  neither SLI.
+- **latency**: the share of *successful* requests that took at most `latency_threshold_ms`
+  (server-side, from the RPC's start to its response). A failed request counts against
+  availability only.
+
+The error budget of an SLI is `1 - objective`; a window's burn rate is its bad share divided
+by the budget (1.0 spends the budget exactly over the SLO period). An alert rule fires while
+the burn rate exceeds its `burn_rate` over both its long and its short window (Google SRE
+workbook, "Alerting on SLOs"); defaults: page at 14.4x over 1 h and 5 min, page at 6x over
+6 h and 30 min, ticket at 1x over 3 d and 6 h.
+
+Counts live in a ring of time buckets per model (bucket length: a tenth of the shortest
+short window, so a shrunk test config works the same), sized for the longest window:
+memory is bounded whatever the traffic. Latency percentiles come from a log-spaced
+histogram per bucket over the shortest short window. `record` is O(1): one lock, one
+bisect, a few list increments. The "budget left" is computed over the longest alert window
+(the data kept), not the whole SLO period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.trace import SpanKind
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from batchwire.config import BurnRateAlertConfig, SloConfig
+from monitoring import spans as S
+
+logger = logging.getLogger(__name__)
+
+#: gRPC statuses that count against availability (the server's fault).
+SERVER_FAILURES: Final = frozenset(
+    {
+        "INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNKNOWN",
+        "DATA_LOSS", "UNIMPLEMENTED",
+    }
+)  # fmt: skip
+SLIS: Final = ("latency", "availability")
+#: Latency histogram bin upper bounds: 10 µs to ~100 s, 10% apart.
+_LATENCY_BOUNDS_S: Final = tuple(1e-5 * 1.1**i for i in range(170))
+#: Smallest bucket length (seconds), whatever the windows.
+MIN_BUCKET_S: Final = 0.05
+
+
+def window_label(seconds: float) -> str:
+    """`300` -> `5m`, `3600` -> `1h`, `259200` -> `3d`, `2.5` -> `2.5s`."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def rule_label(rule: BurnRateAlertConfig) -> str:
+    """e.g. `14.4x/1h/5m`."""
+    return (
+        f"{rule.burn_rate:g}x/{window_label(rule.long_window_s)}/"
+        f"{window_label(rule.short_window_s)}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AlertState:
+    """One firing alert rule of one SLI of one model."""
+
+    model: str
+    sli: str
+    severity: str
+    rule: str
+    burn_rate_long: float
+    burn_rate_short: float
+    threshold: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "model": self.model, "sli": self.sli, "severity": self.severity, "rule": self.rule,
+            "burn_rate_long": self.burn_rate_long, "burn_rate_short": self.burn_rate_short,
+            "threshold": self.threshold,
+        }  # fmt: skip
+
+
+class _ModelWindows:
+    """Bucketed counts of one model (guarded by the monitor's lock)."""
+
+    def __init__(self, slo: SloConfig, now_s: float) -> None:
+        self.slo = slo
+        self.threshold_s = slo.latency_threshold_ms / 1000
+        short = min((r.short_window_s for r in slo.alerts), default=300.0)
+        longest = max((max(r.long_window_s, r.short_window_s) for r in slo.alerts), default=short)
+        self.bucket_s = max(short / 10, MIN_BUCKET_S)
+        self.percentile_window_s = short
+        self.size = math.ceil(longest / self.bucket_s) + 1
+        self.hist_size = math.ceil(short / self.bucket_s) + 1
+        self.current = int(now_s / self.bucket_s)
+        self.ok = [0] * self.size  # successful requests
+        self.slow = [0] * self.size  # successful requests over the threshold
+        self.failed = [0] * self.size  # server-side failures
+        self.hist = [[0] * (len(_LATENCY_BOUNDS_S) + 1) for _ in range(self.hist_size)]
+
+    def advance(self, index: int) -> None:
+        """Move the ring to bucket `index`, zeroing the buckets skipped over."""
+        if index <= self.current:
+            return
+        for i in range(self.current + 1, min(index, self.current + self.size) + 1):
+            slot = i % self.size
+            self.ok[slot] = self.slow[slot] = self.failed[slot] = 0
+            if i > index - self.hist_size:
+                self.hist[i % self.hist_size] = [0] * (len(_LATENCY_BOUNDS_S) + 1)
+        if index - self.current >= self.hist_size:
+            for j in range(self.hist_size):
+                self.hist[j] = [0] * (len(_LATENCY_BOUNDS_S) + 1)
+        self.current = index
+
+    def sums(self, window_s: float) -> tuple[int, int, int]:
+        """(ok, slow, failed) over the trailing window (the current bucket included)."""
+        n = min(self.size, max(1, math.ceil(window_s / self.bucket_s)))
+        ok = slow = failed = 0
+        for i in range(self.current - n + 1, self.current + 1):
+            slot = i % self.size
+            ok += self.ok[slot]
+            slow += self.slow[slot]
+            failed += self.failed[slot]
+        return ok, slow, failed
+
+    def percentiles(self, quantiles: tuple[float, ...]) -> tuple[int, dict[float, float | None]]:
+        """Successful requests in the percentile window and their latency quantiles (s)."""
+        merged = [sum(col) for col in zip(*self.hist, strict=True)]
+        total = sum(merged)
+        out: dict[float, float | None] = {}
+        for q in quantiles:
+            if total == 0:
+                out[q] = None
+                continue
+            rank, seen = q * total, 0
+            for i, n in enumerate(merged):
+                seen += n
+                if seen >= rank:
+                    out[q] = _LATENCY_BOUNDS_S[i] if i < len(_LATENCY_BOUNDS_S) else math.inf
+                    break
+        return total, out
+
+
+def burn_rate(bad: int, total: int, objective: float) -> float:
+    """Bad share over the error budget (0.0 without traffic)."""
+    return (bad / total) / (1 - objective) if total else 0.0
+
+
+class SloMonitor:
+    """Rolling SLI windows, burn rates and alerts for every model with an SLO.
+
+    Args:
+        objectives: model name -> its SLO.
+        clock: seconds, monotonic; injected so tests need not sleep.
+    """
+
+    def __init__(
+        self,
+        objectives: Mapping[str, SloConfig],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._models: dict[str, _ModelWindows] = {}
+        self._firing: dict[tuple[str, str, str], AlertState] = {}
+        for model, slo in objectives.items():
+            self.set_objective(model, slo)
+
+    def set_objective(self, model: str, slo: SloConfig | None) -> None:
+        """Start (or restart, when it changed) or stop monitoring a model."""
+        with self._lock:
+            current = self._models.get(model)
+            if slo is None:
+                self._models.pop(model, None)
+                for key in [k for k in self._firing if k[0] == model]:
+                    del self._firing[key]
+            elif current is None or current.slo != slo:
+                self._models[model] = _ModelWindows(slo, self._clock())
+
+    def models(self) -> list[str]:
+        """Models with an objective."""
+        with self._lock:
+            return sorted(self._models)
+
+    def record(self, model: str, latency_s: float, status: str, now_s: float | None = None) -> None:
+        """Count one finished request (status: gRPC status name)."""
+        windows = self._models.get(model)
+        if windows is None:
+            return
+        good = status == "OK"
+        if not good and status not in SERVER_FAILURES:
+            return  # the client's error: in neither SLI
+        now = self._clock() if now_s is None else now_s
+        with self._lock:
+            index = int(now / windows.bucket_s)
+            if index != windows.current:
+                windows.advance(index)
+            slot = index % windows.size
+            if good:
+                windows.ok[slot] += 1
+                if latency_s > windows.threshold_s:
+                    windows.slow[slot] += 1
+                hist = windows.hist[index % windows.hist_size]
+                hist[bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
+            else:
+                windows.failed[slot] += 1
+
+    def burn_rates(self, model: str, now_s: float | None = None) -> dict[str, dict[float, float]]:
+        """SLI -> window length -> burn rate, for every window the model's rules use."""
+        now = self._clock() if now_s is None else now_s
+        with self._lock:
+            windows = self._models[model]
+            windows.advance(int(now / windows.bucket_s))
+            return self._burn_rates(windows)
+
+    @staticmethod
+    def _burn_rates(windows: _ModelWindows) -> dict[str, dict[float, float]]:
+        slo = windows.slo
+        lengths = sorted({w for r in slo.alerts for w in (r.short_window_s, r.long_window_s)})
+        out: dict[str, dict[float, float]] = {"latency": {}, "availability": {}}
+        for length in lengths:
+            ok, slow, failed = windows.sums(length)
+            out["latency"][length] = burn_rate(slow, ok, slo.latency_objective)
+            out["availability"][length] = burn_rate(failed, ok + failed, slo.availability_objective)
+        return out
+
+    def evaluate(self, now_s: float | None = None) -> list[AlertState]:
+        """Re-check every rule; log each transition once; return the firing alerts."""
+        now = self._clock() if now_s is None else now_s
+        events: list[tuple[str, AlertState]] = []
+        with self._lock:
+            firing: dict[tuple[str, str, str], AlertState] = {}
+            for model, windows in self._models.items():
+                windows.advance(int(now / windows.bucket_s))
+                rates = self._burn_rates(windows)
+                for sli in SLIS:
+                    for rule in windows.slo.alerts:
+                        long_rate = rates[sli][rule.long_window_s]
+                        short_rate = rates[sli][rule.short_window_s]
+                        if long_rate > rule.burn_rate and short_rate > rule.burn_rate:
+                            label = rule_label(rule)
+                            firing[(model, sli, label)] = AlertState(
+                                model, sli, rule.severity, label, long_rate, short_rate,
+                                rule.burn_rate,
+                            )  # fmt: skip
+            for key, alert in firing.items():
+                if key not in self._firing:
+                    events.append(("firing", alert))
+            for key, alert in self._firing.items():
+                if key not in firing:
+                    events.append(("resolved", alert))
+            self._firing = firing
+        for state, alert in events:
+            event = {"event": "slo_alert", "state": state, **alert.as_dict()}
+            level = logging.WARNING if state == "firing" else logging.INFO
+            logger.log(level, "%s", json.dumps(event), extra={"slo_event": event})
+        return list(firing.values())
+
+    def firing(self) -> list[AlertState]:
+        """Alerts firing as of the last `evaluate`."""
+        with self._lock:
+            return list(self._firing.values())
+
+    def snapshot(self, now_s: float | None = None) -> dict[str, Any]:
+        """Every model's objective, recent percentiles, budget left, burn rates and alerts
+        (JSON-able; served as `/slo` and printed by `batchwire slo`)."""
+        now = self._clock() if now_s is None else now_s
+        out: dict[str, Any] = {}
+        with self._lock:
+            for model, windows in sorted(self._models.items()):
+                windows.advance(int(now / windows.bucket_s))
+                slo = windows.slo
+                rates = self._burn_rates(windows)
+                kept_s = (windows.size - 1) * windows.bucket_s
+                ok, slow, failed = windows.sums(kept_s)
+                count, quantiles = windows.percentiles((0.5, 0.9, 0.99))
+                slis = {}
+                for sli, bad, total, objective in (
+                    ("latency", slow, ok, slo.latency_objective),
+                    ("availability", failed, ok + failed, slo.availability_objective),
+                ):
+                    slis[sli] = {
+                        "objective": objective,
+                        "good_fraction": (1 - bad / total) if total else None,
+                        "events": total,
+                        "bad_events": bad,
+                        "budget_remaining": 1 - burn_rate(bad, total, objective),
+                        "burn_rates": {window_label(w): r for w, r in rates[sli].items()},
+                    }
+                out[model] = {
+                    "objective": {
+                        "latency_threshold_ms": slo.latency_threshold_ms,
+                        "latency_objective": slo.latency_objective,
+                        "availability_objective": slo.availability_objective,
+                    },
+                    "budget_window": window_label(kept_s),
+                    "recent": {
+                        "window": window_label(windows.percentile_window_s),
+                        "requests": count,
+                        "latency_ms": {
+                            f"p{round(q * 100)}": None if v is None else v * 1000
+                            for q, v in quantiles.items()
+                        },
+                    },
+                    "slis": slis,
+                    "alerts": [
+                        a.as_dict() for key, a in sorted(self._firing.items()) if key[0] == model
+                    ],
+                }
+        return out
+
+
+class SloSpanProcessor(SpanProcessor):
+    """Feeds the SLO monitor from ended SERVER spans that carry `batchwire.model.name`."""
+
+    def __init__(self, monitor: SloMonitor) -> None:
+        self.monitor = monitor
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.kind is not SpanKind.SERVER or span.start_time is None or span.end_time is None:
+            return
+        attributes = span.attributes or {}
+        model = attributes.get(S.MODEL_NAME)
+        if not isinstance(model, str):
+            return
+        status = attributes.get(S.RPC_RESPONSE_STATUS_CODE, "OK")
+        self.monitor.record(model, (span.end_time - span.start_time) / 1e9, str(status))
+
+
+class SloCollector(Collector):
+    """Prometheus families of the SLO state: objectives, budgets, burn rates, alerts."""
+
+    def __init__(self, monitor: SloMonitor) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.monitor.snapshot()
+        firing = {(a.model, a.sli, a.rule): a for a in self.monitor.firing()}
+        objective = GaugeMetricFamily(
+            "batchwire_slo_objective", "SLO target fraction", labels=["model", "sli"]
+        )
+        threshold = GaugeMetricFamily(
+            "batchwire_slo_latency_threshold_seconds",
+            "Latency a request must beat to count as good",
+            labels=["model"],
+        )
+        budget = GaugeMetricFamily(
+            "batchwire_slo_error_budget_remaining",
+            "Share of the error budget left over the longest alert window (negative = overspent)",
+            labels=["model", "sli"],
+        )
+        burn = GaugeMetricFamily(
+            "batchwire_slo_burn_rate",
+            "Error-budget burn rate over a window (1 = spends the budget in the SLO period)",
+            labels=["model", "sli", "window"],
+        )
+        alert = GaugeMetricFamily(
+            "batchwire_slo_alert_firing",
+            "1 while a burn-rate alert rule fires",
+            labels=["model", "sli", "severity", "rule"],
+        )
+        latency = GaugeMetricFamily(
+            "batchwire_slo_latency_seconds",
+            "Latency quantiles of successful requests over the shortest alert window",
+            labels=["model", "quantile"],
+        )
+        with self.monitor._lock:
+            rules = {m: w.slo.alerts for m, w in self.monitor._models.items()}
+        for model, state in snapshot.items():
+            threshold.add_metric([model], state["objective"]["latency_threshold_ms"] / 1000)
+            for sli, values in state["slis"].items():
+                objective.add_metric([model, sli], values["objective"])
+                budget.add_metric([model, sli], values["budget_remaining"])
+                for window, rate in values["burn_rates"].items():
+                    burn.add_metric([model, sli, window], rate)
+                for rule in rules.get(model, ()):
+                    label = rule_label(rule)
+                    on = 1.0 if (model, sli, label) in firing else 0.0
+                    alert.add_metric([model, sli, rule.severity, label], on)
+            for name, value in state["recent"]["latency_ms"].items():
+                if value is not None:
+                    quantile = str(int(name[1:]) / 100)
+                    latency.add_metric([model, quantile], value / 1000)
+        yield from (objective, threshold, budget, burn, alert, latency)
