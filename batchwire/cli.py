@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `batchwire` command."""
     from monitoring.slo_cli import add_slo_parser
+    from monitoring.trace_report import add_trace_report_parser
     from trainer.cli import (
         add_build_engine_parser,
         add_import_parser,
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_import_parser(sub)
     add_build_engine_parser(sub)
     add_slo_parser(sub)
+    add_trace_report_parser(sub)
     return parser
 
 

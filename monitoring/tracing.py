@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
@@ -417,31 +417,43 @@ class RequestTracer:
 
 
 # ---------------------------------------------------------------------------- exporters
+_KIND_NAMES: Final = {kind: kind.name for kind in SpanKind}
+_STATUS_NAMES: Final = {code: code.name for code in StatusCode}
+_dumps: Final = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def span_to_dict(span: ReadableSpan) -> dict[str, object]:
     """One span in batchwire's JSON-lines layout (see `monitoring/spans.py`)."""
+    return json.loads(span_to_line(span, _dumps(dict(span.resource.attributes))))  # type: ignore[no-any-return]
+
+
+def span_to_line(span: ReadableSpan, resource_json: str = "{}") -> str:
+    """One span as a JSON line (no newline), built without an intermediate dict."""
     context = span.context
     assert context is not None
     parent = span.parent
-    return {
-        "trace_id": f"{context.trace_id:032x}",
-        "span_id": f"{context.span_id:016x}",
-        "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
-        "name": span.name,
-        "kind": span.kind.name,
-        "start_ns": span.start_time,
-        "end_ns": span.end_time,
-        "status": span.status.status_code.name,
-        "attributes": dict(span.attributes or {}),
-        "links": [
-            {
-                "trace_id": f"{link.context.trace_id:032x}",
-                "span_id": f"{link.context.span_id:016x}",
-                "attributes": dict(link.attributes or {}),
-            }
-            for link in span.links
-        ],
-        "resource": dict(span.resource.attributes),
-    }
+    parent_id = f'"{parent.span_id:016x}"' if parent is not None else "null"
+    attributes = span.attributes
+    links = span.links
+    links_json = (
+        "["
+        + ",".join(
+            f'{{"trace_id":"{link.context.trace_id:032x}","span_id":"{link.context.span_id:016x}"'
+            f',"attributes":{_dumps(dict(link.attributes or {}))}}}'
+            for link in links
+        )
+        + "]"
+        if links
+        else "[]"
+    )
+    return (
+        f'{{"trace_id":"{context.trace_id:032x}","span_id":"{context.span_id:016x}",'
+        f'"parent_span_id":{parent_id},"name":{_dumps(span.name)},'
+        f'"kind":"{_KIND_NAMES[span.kind]}","start_ns":{span.start_time},'
+        f'"end_ns":{span.end_time},"status":"{_STATUS_NAMES[span.status.status_code]}",'
+        f'"attributes":{_dumps(dict(attributes)) if attributes else "{}"},'
+        f'"links":{links_json},"resource":{resource_json}}}'
+    )
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -462,12 +474,11 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines: list[str] = []
-        for span in spans:
-            data = span_to_dict(span)
-            if lines:
-                data["resource"] = {}
-            lines.append(json.dumps(data, separators=(",", ":")))
+        if not spans:
+            return SpanExportResult.SUCCESS
+        resource = _dumps(dict(spans[0].resource.attributes))
+        lines = [span_to_line(spans[0], resource)]
+        lines.extend(span_to_line(span) for span in spans[1:])
         with self._lock:
             if self._file is None:
                 return SpanExportResult.FAILURE
@@ -492,6 +503,79 @@ class JsonLinesSpanExporter(SpanExporter):
         return True
 
 
+def encode_otlp(spans: Sequence[ReadableSpan]) -> Any:
+    """An OTLP ExportTraceServiceRequest of SDK spans, built in place.
+
+    Does what the SDK's `encode_spans` does for the fields batchwire sets, at a fraction of
+    its cost (the SDK spends ~30 µs per span here on generic attribute handling).
+    """
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
+    from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
+
+    kinds = {
+        SpanKind.INTERNAL: PbSpan.SPAN_KIND_INTERNAL,
+        SpanKind.SERVER: PbSpan.SPAN_KIND_SERVER,
+        SpanKind.CLIENT: PbSpan.SPAN_KIND_CLIENT,
+        SpanKind.PRODUCER: PbSpan.SPAN_KIND_PRODUCER,
+        SpanKind.CONSUMER: PbSpan.SPAN_KIND_CONSUMER,
+    }
+    request = ExportTraceServiceRequest()
+    scopes: dict[tuple[int, int], Any] = {}
+    for span in spans:
+        key = (id(span.resource), id(span.instrumentation_scope))
+        scope_spans = scopes.get(key)
+        if scope_spans is None:
+            resource_spans = request.resource_spans.add()
+            resource_spans.schema_url = span.resource.schema_url
+            _set_attributes(resource_spans.resource.attributes, span.resource.attributes)
+            scope_spans = scopes[key] = resource_spans.scope_spans.add()
+            if span.instrumentation_scope is not None:
+                scope_spans.scope.name = span.instrumentation_scope.name
+                scope_spans.scope.version = span.instrumentation_scope.version or ""
+        context = span.context
+        assert context is not None
+        parent = span.parent
+        out = scope_spans.spans.add(
+            trace_id=context.trace_id.to_bytes(16, "big"),
+            span_id=context.span_id.to_bytes(8, "big"),
+            name=span.name,
+            kind=kinds[span.kind],
+            start_time_unix_nano=span.start_time or 0,
+            end_time_unix_nano=span.end_time or 0,
+            flags=0x100 | (0x200 if parent is not None and parent.is_remote else 0),
+        )
+        if parent is not None:
+            out.parent_span_id = parent.span_id.to_bytes(8, "big")
+        if span.attributes:
+            _set_attributes(out.attributes, span.attributes)
+        for link in span.links:
+            encoded = out.links.add(
+                trace_id=link.context.trace_id.to_bytes(16, "big"),
+                span_id=link.context.span_id.to_bytes(8, "big"),
+            )
+            if link.attributes:
+                _set_attributes(encoded.attributes, link.attributes)
+        if span.status.status_code is StatusCode.ERROR:
+            out.status.code = PbStatus.STATUS_CODE_ERROR
+    return request
+
+
+def _set_attributes(target: Any, attributes: Any) -> None:
+    for key, value in attributes.items():
+        slot = target.add(key=key).value
+        if isinstance(value, bool):
+            slot.bool_value = value
+        elif isinstance(value, int):
+            slot.int_value = value
+        elif isinstance(value, float):
+            slot.double_value = value
+        else:
+            slot.string_value = str(value)
+
+
 def build_exporter(settings: TracingSettings) -> SpanExporter:
     """OTLP/gRPC when an endpoint is configured (flag, or $OTEL_EXPORTER_OTLP_ENDPOINT /
     $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), else the JSON-lines file."""
@@ -503,8 +587,12 @@ def build_exporter(settings: TracingSettings) -> SpanExporter:
     if endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+        class _Exporter(OTLPSpanExporter):
+            def _translate_data(self, data: Sequence[ReadableSpan]) -> Any:
+                return encode_otlp(data)
+
         insecure = endpoint.startswith("http://") or "://" not in endpoint
         logger.info("exporting spans to OTLP/gRPC %s", endpoint)
-        return OTLPSpanExporter(endpoint=endpoint, insecure=insecure)
+        return _Exporter(endpoint=endpoint, insecure=insecure)
     logger.info("writing spans to %s", settings.trace_file)
     return JsonLinesSpanExporter(settings.trace_file, settings.max_file_bytes)
