@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from monitoring.hub import MonitoringSettings
 
-#: Triton's metrics port.
+#: Triton's gRPC and metrics ports.
+DEFAULT_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 DEFAULT_TRACE_FILE = Path("traces/batchwire-spans.jsonl")
 
@@ -43,12 +44,25 @@ def monitoring_settings(args: argparse.Namespace) -> MonitoringSettings | None:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import ServeSettings, serve
 
+    if args.ray:
+        from server.ray_serve import DEFAULT_GRPC_PORT, RayServeSettings, serve_ray
+
+        return serve_ray(
+            RayServeSettings(
+                model_repository=args.model_repository,
+                host=args.host,
+                port=args.port if args.port is not None else DEFAULT_GRPC_PORT,
+                http_port=args.ray_http_port,
+                intra_op_threads=args.intra_op_threads,
+                num_cpus=args.ray_num_cpus,
+            )
+        )
     if args.trace_sampling is not None and not 0.0 <= args.trace_sampling <= 1.0:
         raise SystemExit(f"--trace-sampling {args.trace_sampling} is outside 0..1")
     settings = ServeSettings(
         model_repository=args.model_repository,
         host=args.host,
-        port=args.port,
+        port=args.port if args.port is not None else DEFAULT_PORT,
         intra_op_threads=args.intra_op_threads,
         max_message_bytes=args.max_message_bytes,
         shutdown_grace_s=args.shutdown_grace_s,
@@ -60,6 +74,14 @@ def _serve(args: argparse.Namespace) -> int:
 
         return serve_workers(settings, args.workers, args.log_level, _monitoring_argv(args))
     return asyncio.run(serve(settings))
+
+
+def _ray_config(args: argparse.Namespace) -> int:
+    from server.ray_serve import write_serve_config
+
+    write_serve_config(args.out, args.model_repository, args.port, args.intra_op_threads)
+    print(f"wrote {args.out}: serve deploy {args.out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve every model in a model repository over gRPC")
     add_repository_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8001, help="gRPC port (0 = any free port)")
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="gRPC port (default 8001; 9000 with --ray; 0 = any free port, plain server only)",
+    )
     serve.add_argument(
         "--intra-op-threads",
         type=int,
@@ -110,8 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="bind with SO_REUSEPORT (set on each --workers process; rarely needed by hand)",
     )
+    ray_group = serve.add_argument_group("Ray Serve (see README: Ray Serve)")
+    ray_group.add_argument(
+        "--ray",
+        action="store_true",
+        help="start a local Ray instance and serve through Ray Serve's gRPC proxy",
+    )
+    ray_group.add_argument(
+        "--ray-http-port", type=int, default=8000, help="Serve's HTTP proxy port (default 8000)"
+    )
+    ray_group.add_argument(
+        "--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)"
+    )
     _add_monitoring_arguments(serve)
     serve.set_defaults(func=_serve)
+
+    ray_config = sub.add_parser(
+        "ray-config", help="write a Ray Serve config file (for `serve deploy` or KubeRay)"
+    )
+    ray_config.add_argument(
+        "--model-repository",
+        default="/models",
+        help="the repository path as the Ray cluster sees it (default /models)",
+    )
+    ray_config.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
+    ray_config.add_argument("--intra-op-threads", type=int, default=None)
+    ray_config.add_argument("--out", type=Path, default=Path("serve_config.yaml"))
+    ray_config.set_defaults(func=_ray_config)
 
     add_train_parser(sub)
     add_import_parser(sub)

@@ -229,6 +229,8 @@ class AutoscalingConfig(BaseModel):
     """How long demand must stay high before replicas are added."""
     downscale_delay_s: float = Field(default=120.0, ge=0)
     """How long demand must stay low before replicas are removed."""
+    look_back_period_s: float = Field(default=30.0, gt=0)
+    """Window over which ongoing requests are averaged for each decision."""
 
 
 class RayConfig(BaseModel):
@@ -236,8 +238,9 @@ class RayConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_cpus: float = Field(default=1.0, ge=0)
-    """CPUs reserved per replica (`ray_actor_options.num_cpus`)."""
+    num_cpus: float = Field(default=0.5, ge=0)
+    """CPUs reserved per replica (`ray_actor_options.num_cpus`; a replica runs one engine
+    thread per instance beside its event loop)."""
     num_gpus: float = Field(default=0.0, ge=0)
     """GPUs reserved per replica (`ray_actor_options.num_gpus`; > 0 for the GPU lane)."""
     max_ongoing_requests: int | None = Field(default=None, ge=1)

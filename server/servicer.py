@@ -324,7 +324,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 models = [self._runtime.get(request.name, request.version)]
             else:
                 models = list(self._runtime.loaded())
-            return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
+            return pb.ModelStatisticsResponse(model_stats=[statistics_pb(m) for m in models])
 
         return await _guard(context, body)
 
@@ -368,7 +368,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await _guard(context, body)
 
 
-def _statistics(model: ModelVersion) -> pb.ModelStatistics:
+def statistics_pb(model: ModelVersion) -> pb.ModelStatistics:
     """Triton-style cumulative statistics of one model version (both lanes).
 
     A CPU-lane request counts as one execution of its own size, so
