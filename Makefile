@@ -63,3 +63,15 @@ bench: venv .perf-analyzer/perf_analyzer
 
 .perf-analyzer/perf_analyzer:
 	../shared/tools/install-perf-analyzer.sh .perf-analyzer
+
+# Headless Locust run against a running server (`make serve` in another terminal, or
+# `batchwire serve --ray`), gated on each model's SLO (config.yaml) and on errors; writes
+# CSV + HTML to loadtests/results/locust/ (see loadtests/locust_gate.py).
+LOCUST_HOST ?= $(HOST):$(PORT)
+LOCUST_USERS ?= 8
+LOCUST_RUN_TIME ?= 30s
+LOCUST_MODELS ?= digits
+.PHONY: loadtest
+loadtest: venv
+	$(PY) -m loadtests.locust_gate --host $(LOCUST_HOST) --users $(LOCUST_USERS) \
+		--run-time $(LOCUST_RUN_TIME) --models $(LOCUST_MODELS) --model-repository $(MODEL_REPOSITORY)
