@@ -7,7 +7,8 @@ runs too) once per setting and round, and drives it with perf_analyzer:
 
 - `off`: `--no-monitoring` (the baseline: no metrics, SLO, drift or tracing);
 - `metrics+slo+drift`: the default (tracing off);
-- `tracing 100% file`: the default plus every request traced to the JSON-lines file;
+- `tracing 10% file` / `tracing 100% file`: the default plus tracing, 1 in 10 or every
+  request exported to the JSON-lines file;
 - `tracing 100% otlp` (with `--otlp`): traced to an OTLP/gRPC receiver in this process.
 
 Settings alternate within each round so drift in the box's load hits them alike. Prints
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     settings: dict[str, list[str]] = {
         "off": ["--no-monitoring"],
         "metrics+slo+drift": [],
+        "tracing 10% file": ["--trace-sampling", "0.1", "--trace-file", str(work / "s10.jsonl")],
         "tracing 100% file": ["--trace-sampling", "1", "--trace-file", str(work / "spans.jsonl")],
     }
     if args.otlp:

@@ -190,12 +190,18 @@ class Monitoring:
             self.slo.set_objective(model.config.name, model.config.slo)
         port = self.settings.metrics_port
         if port is not None:
-            self.http = MetricsServer(
-                self.registry(runtime),
-                {"/slo": self.slo.snapshot, "/drift": self.drift_snapshot},
-                self.settings.metrics_host,
-                port,
-            )
+            try:
+                self.http = MetricsServer(
+                    self.registry(runtime),
+                    {"/slo": self.slo.snapshot, "/drift": self.drift_snapshot},
+                    self.settings.metrics_host,
+                    port,
+                )
+            except OSError as exc:
+                raise OSError(
+                    f"cannot open the metrics endpoint on {self.settings.metrics_host}:{port} "
+                    f"({exc.strerror or exc}); pick another with --metrics-port, or --no-metrics"
+                ) from exc
             self.http.start()
         self._task = asyncio.create_task(self._evaluate_loop(), name="monitoring-evaluate")
 
