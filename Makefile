@@ -71,7 +71,9 @@ LOCUST_HOST ?= $(HOST):$(PORT)
 LOCUST_USERS ?= 8
 LOCUST_RUN_TIME ?= 30s
 LOCUST_MODELS ?= digits
+LOCUST_ARGS ?=
 .PHONY: loadtest
 loadtest: venv
 	$(PY) -m loadtests.locust_gate --host $(LOCUST_HOST) --users $(LOCUST_USERS) \
-		--run-time $(LOCUST_RUN_TIME) --models $(LOCUST_MODELS) --model-repository $(MODEL_REPOSITORY)
+		--run-time $(LOCUST_RUN_TIME) --models $(LOCUST_MODELS) --model-repository $(MODEL_REPOSITORY) \
+		$(LOCUST_ARGS)

@@ -18,11 +18,16 @@ workbook, "Alerting on SLOs"); defaults: page at 14.4x over 1 h and 5 min, page 
 6 h and 30 min, ticket at 1x over 3 d and 6 h.
 
 Counts live in a ring of time buckets per model (bucket length: a tenth of the shortest
-short window, so a shrunk test config works the same), sized for the longest window:
-memory is bounded whatever the traffic. Latency percentiles come from a log-spaced
-histogram per bucket over the shortest short window. `record` is O(1): one lock, one
-bisect, a few list increments. The "budget left" is computed over the longest alert window
-(the data kept), not the whole SLO period.
+short window, so a shrunk test config works the same; longer when the ring would exceed
+`MAX_BUCKETS`), sized for the longest window: memory is bounded whatever the traffic
+(about 8,600 buckets for the default rules). A window of length W sums the trailing
+`ceil(W / bucket)` buckets, the current partial one included. Latency percentiles come from
+a log-spaced histogram (bins 10% apart, so a percentile is the upper edge of its bin:
+at most 10% high) per bucket over the shortest short window. `record` is O(1) (about
+0.7 µs): one lock, one bisect, a few list increments; records older than the ring (a late
+span) are dropped. The span processor counts a request when its span reaches it (the
+tracer ships spans every 200 ms), well inside one bucket for sane windows. The "budget
+left" is computed over the longest alert window (the data kept), not the whole SLO period.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ SLIS: Final = ("latency", "availability")
 _LATENCY_BOUNDS_S: Final = tuple(1e-5 * 1.1**i for i in range(170))
 #: Smallest bucket length (seconds), whatever the windows.
 MIN_BUCKET_S: Final = 0.05
+#: Most buckets in a model's ring: bounds memory (3 counters each) and the cost of a sum.
+MAX_BUCKETS: Final = 20_000
+_BINS: Final = len(_LATENCY_BOUNDS_S) + 1  # the last bin: above the largest bound
 
 
 def window_label(seconds: float) -> str:
@@ -101,12 +109,18 @@ class AlertState:
 class _ModelWindows:
     """Bucketed counts of one model (guarded by the monitor's lock)."""
 
-    def __init__(self, slo: SloConfig, now_s: float) -> None:
+    def __init__(self, model: str, slo: SloConfig, now_s: float) -> None:
         self.slo = slo
         self.threshold_s = slo.latency_threshold_ms / 1000
         short = min((r.short_window_s for r in slo.alerts), default=300.0)
         longest = max((max(r.long_window_s, r.short_window_s) for r in slo.alerts), default=short)
-        self.bucket_s = max(short / 10, MIN_BUCKET_S)
+        self.bucket_s = max(short / 10, longest / (MAX_BUCKETS - 1), MIN_BUCKET_S)
+        if self.bucket_s > short / 10 and short / 10 >= MIN_BUCKET_S:
+            logger.warning(
+                "SLO of model %s: windows from %gs to %gs need more than %d buckets; "
+                "bucket length %gs makes its shortest windows coarse",
+                model, short, longest, MAX_BUCKETS, self.bucket_s,
+            )  # fmt: skip
         self.percentile_window_s = short
         self.size = math.ceil(longest / self.bucket_s) + 1
         self.hist_size = math.ceil(short / self.bucket_s) + 1
@@ -114,32 +128,38 @@ class _ModelWindows:
         self.ok = [0] * self.size  # successful requests
         self.slow = [0] * self.size  # successful requests over the threshold
         self.failed = [0] * self.size  # server-side failures
-        self.hist = [[0] * (len(_LATENCY_BOUNDS_S) + 1) for _ in range(self.hist_size)]
+        self.hist = [[0] * _BINS for _ in range(self.hist_size)]
 
     def advance(self, index: int) -> None:
         """Move the ring to bucket `index`, zeroing the buckets skipped over."""
-        if index <= self.current:
+        gap = index - self.current
+        if gap <= 0:
             return
-        for i in range(self.current + 1, min(index, self.current + self.size) + 1):
-            slot = i % self.size
-            self.ok[slot] = self.slow[slot] = self.failed[slot] = 0
-            if i > index - self.hist_size:
-                self.hist[i % self.hist_size] = [0] * (len(_LATENCY_BOUNDS_S) + 1)
-        if index - self.current >= self.hist_size:
-            for j in range(self.hist_size):
-                self.hist[j] = [0] * (len(_LATENCY_BOUNDS_S) + 1)
+        if gap >= self.size:
+            self.ok, self.slow, self.failed = [0] * self.size, [0] * self.size, [0] * self.size
+        else:
+            for i in range(self.current + 1, index + 1):
+                slot = i % self.size
+                self.ok[slot] = self.slow[slot] = self.failed[slot] = 0
+        for i in range(max(self.current + 1, index - self.hist_size + 1), index + 1):
+            self.hist[i % self.hist_size] = [0] * _BINS
         self.current = index
 
     def sums(self, window_s: float) -> tuple[int, int, int]:
         """(ok, slow, failed) over the trailing window (the current bucket included)."""
-        n = min(self.size, max(1, math.ceil(window_s / self.bucket_s)))
-        ok = slow = failed = 0
-        for i in range(self.current - n + 1, self.current + 1):
-            slot = i % self.size
-            ok += self.ok[slot]
-            slow += self.slow[slot]
-            failed += self.failed[slot]
-        return ok, slow, failed
+        n = min(self.size, max(1, math.ceil(window_s / self.bucket_s - 1e-9)))
+        end = self.current % self.size + 1
+        start = end - n
+        if start >= 0:
+            return (
+                sum(self.ok[start:end]), sum(self.slow[start:end]), sum(self.failed[start:end])
+            )  # fmt: skip
+        # NOTE: the window wraps around the ring: its tail [start:] plus its head [:end].
+        return (
+            sum(self.ok[start:]) + sum(self.ok[:end]),
+            sum(self.slow[start:]) + sum(self.slow[:end]),
+            sum(self.failed[start:]) + sum(self.failed[:end]),
+        )
 
     def percentiles(self, quantiles: tuple[float, ...]) -> tuple[int, dict[float, float | None]]:
         """Successful requests in the percentile window and their latency quantiles (s)."""
@@ -194,15 +214,32 @@ class SloMonitor:
                 for key in [k for k in self._firing if k[0] == model]:
                     del self._firing[key]
             elif current is None or current.slo != slo:
-                self._models[model] = _ModelWindows(slo, self._clock())
+                self._models[model] = _ModelWindows(model, slo, self._clock())
 
     def models(self) -> list[str]:
         """Models with an objective."""
         with self._lock:
             return sorted(self._models)
 
+    def rules(self, model: str) -> list[BurnRateAlertConfig]:
+        """The alert rules of a model (empty when it has no objective)."""
+        with self._lock:
+            windows = self._models.get(model)
+            return [] if windows is None else list(windows.slo.alerts)
+
     def record(self, model: str, latency_s: float, status: str, now_s: float | None = None) -> None:
-        """Count one finished request (status: gRPC status name)."""
+        """Count one finished request.
+
+        O(1) and thread-safe: the front door calls it on the event loop, the span processor
+        from the tracer's shipper thread.
+
+        Args:
+            model: the model's name; models without an objective return at once.
+            latency_s: server-side latency of the request.
+            status: its gRPC status name (`OK`, `INTERNAL`...); client errors are ignored.
+            now_s: when it finished, on the monitor's clock (default: now). A time older
+                than the data kept is dropped.
+        """
         windows = self._models.get(model)
         if windows is None:
             return
@@ -212,15 +249,18 @@ class SloMonitor:
         now = self._clock() if now_s is None else now_s
         with self._lock:
             index = int(now / windows.bucket_s)
-            if index != windows.current:
+            if index > windows.current:
                 windows.advance(index)
+            elif index <= windows.current - windows.size:
+                return  # NOTE: older than the ring (a late record): its slot is reused.
             slot = index % windows.size
             if good:
                 windows.ok[slot] += 1
                 if latency_s > windows.threshold_s:
                     windows.slow[slot] += 1
-                hist = windows.hist[index % windows.hist_size]
-                hist[bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
+                if index > windows.current - windows.hist_size:
+                    hist = windows.hist[index % windows.hist_size]
+                    hist[bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
             else:
                 windows.failed[slot] += 1
 
@@ -383,8 +423,6 @@ class SloCollector(Collector):
             "Latency quantiles of successful requests over the shortest alert window",
             labels=["model", "quantile"],
         )
-        with self.monitor._lock:
-            rules = {m: w.slo.alerts for m, w in self.monitor._models.items()}
         for model, state in snapshot.items():
             threshold.add_metric([model], state["objective"]["latency_threshold_ms"] / 1000)
             for sli, values in state["slis"].items():
@@ -392,7 +430,7 @@ class SloCollector(Collector):
                 budget.add_metric([model, sli], values["budget_remaining"])
                 for window, rate in values["burn_rates"].items():
                     burn.add_metric([model, sli, window], rate)
-                for rule in rules.get(model, ()):
+                for rule in self.monitor.rules(model):
                     label = rule_label(rule)
                     on = 1.0 if (model, sli, label) in firing else 0.0
                     alert.add_metric([model, sli, rule.severity, label], on)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,7 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from batchwire.cli import main
 from batchwire.config import BurnRateAlertConfig, SloConfig
 from monitoring import spans as S
-from monitoring.slo import SloCollector, SloMonitor, SloSpanProcessor, burn_rate, rule_label
+from monitoring.slo import (
+    MAX_BUCKETS,
+    SloCollector,
+    SloMonitor,
+    SloSpanProcessor,
+    burn_rate,
+    rule_label,
+)
 from monitoring.slo_cli import render
 
 FAST_S, SLOW_S = 0.005, 0.2
@@ -70,16 +78,19 @@ def traffic(
     latency_s: float = FAST_S,
     status: str = "OK",
     rate_hz: int = 200,
+    pattern: Callable[[int], tuple[float, str]] | None = None,
+    checks_hz: int = 10,
 ) -> list[list[str]]:
-    """Requests at a steady rate; evaluates every 0.1 s; returns what fired at each check."""
+    """Requests at a steady rate (`pattern(i)` -> (latency, status) of the i-th, else all
+    alike); evaluates `checks_hz` times a second; returns what fired at each check."""
     fired = []
-    steps = int(seconds * rate_hz)
-    for i in range(steps):
+    for i in range(int(seconds * rate_hz)):
         clock.now += 1 / rate_hz
-        monitor.record("digits", latency_s, status)
-        if i % (rate_hz // 10) == 0:
+        latency, code = (latency_s, status) if pattern is None else pattern(i)
+        monitor.record("digits", latency, code)
+        if i % (rate_hz // checks_hz) == 0:
             fired.append(sorted(a.rule for a in monitor.evaluate()))
-    return fired  # fmt: skip
+    return fired
 
 
 def test_burn_rate_is_the_bad_share_over_the_budget() -> None:
@@ -103,17 +114,67 @@ def test_slow_engine_fires_the_fast_page_within_the_short_window_and_recovers(
     traffic(monitor, clock, 10)
     caplog.set_level(logging.INFO, logger="monitoring.slo")
     fast_page = rule_label(shrunk().alerts[0])
-    fired = traffic(monitor, clock, 1.0, latency_s=SLOW_S)
-    first = next(i for i, rules in enumerate(fired) if fast_page in rules)
-    # All requests slow: burn 100x; the long (5 s) window crosses 14.4x after ~0.72 s.
-    assert first * 0.1 <= 1.0
+    fired = traffic(monitor, clock, 1.0, latency_s=SLOW_S)  # checks 0.005 s + k x 0.1 s in
+    first = next(k for k, rules in enumerate(fired) if fast_page in rules)
+    # All requests slow: 100x in the short window at once, but the long (5 s) window must
+    # exceed 14.4x too, i.e. hold > 14.4% slow requests: after ~0.72 s of slow traffic.
+    assert first in (7, 8)
     assert all(r.sli == "latency" for r in monitor.firing())
-    recovered = traffic(monitor, clock, 3.0)
-    assert fast_page not in recovered[-1]  # the short window emptied of slow requests
+    recovered = traffic(monitor, clock, 0.8)
+    # Fast again: the page resolves once the short (0.5 s) window holds <= 14.4% slow
+    # requests (after ~0.43 s), while the long window still burns at ~20x.
+    resolved = next(k for k, rules in enumerate(recovered) if fast_page not in rules)
+    assert resolved in (4, 5)
+    assert monitor.burn_rates("digits")["latency"][5.0] > 14.4
+    assert all(fast_page not in rules for rules in recovered[resolved:])
     events = [json.loads(r.getMessage()) for r in caplog.records]
     page = [e for e in events if e["rule"] == fast_page]
     assert [e["state"] for e in page] == ["firing", "resolved"]  # once per transition
     assert page[0]["burn_rate_short"] > 14.4 and page[0]["sli"] == "latency"
+    assert page[0]["event"] == "slo_alert" and page[0]["severity"] == "page"
+    firing_record = next(r for r in caplog.records if json.loads(r.getMessage()) == page[0])
+    assert firing_record.levelno == logging.WARNING
+    assert firing_record.slo_event == page[0]  # type: ignore[attr-defined]
+
+
+def test_in_budget_noise_fires_nothing_over_every_window(monitor: SloMonitor, clock: Clock) -> None:
+    # 0.5% slow and 0.04% failing: half the budget of each SLI, for longer than the
+    # longest (360 s) window. A lone failure burns 100x in the short window; the long
+    # window keeps it from paging.
+    def noise(i: int) -> tuple[float, str]:
+        if i % 2500 == 1250:
+            return FAST_S, "INTERNAL"
+        return (SLOW_S if i % 200 == 100 else FAST_S), "OK"
+
+    fired = traffic(monitor, clock, 400, rate_hz=20, pattern=noise, checks_hz=1)
+    assert not any(fired)
+    slis = monitor.snapshot()["digits"]["slis"]
+    assert slis["latency"]["budget_remaining"] == pytest.approx(0.5, abs=0.02)
+    assert slis["availability"]["budget_remaining"] == pytest.approx(0.6, abs=0.15)
+    monitor.record("digits", FAST_S, "INTERNAL")
+    assert monitor.burn_rates("digits")["availability"][0.5] > 14.4  # one failure in ~10
+    assert monitor.evaluate() == []
+
+
+def test_a_moderate_burn_fires_the_slow_page_and_ticket_not_the_fast_page(
+    monitor: SloMonitor, clock: Clock
+) -> None:
+    traffic(monitor, clock, 40, rate_hz=100)
+    # 8% slow: 8x the budget. 14.4x never; 1x over 360 s once slow/total > 1% (~5.7 s);
+    # 6x over 30 s once the 30 s window holds > 6% slow requests (after ~22.5 s).
+    fired = traffic(
+        monitor,
+        clock,
+        30,
+        rate_hz=100,
+        pattern=lambda i: (SLOW_S if i % 25 in (0, 12) else FAST_S, "OK"),
+    )
+    fast_page, slow_page, ticket = (rule_label(r) for r in shrunk().alerts)
+    assert not any(fast_page in rules for rules in fired)
+    first_ticket = next(k for k, rules in enumerate(fired) if ticket in rules) / 10
+    first_slow_page = next(k for k, rules in enumerate(fired) if slow_page in rules) / 10
+    assert 5.0 <= first_ticket <= 6.5
+    assert 22.0 <= first_slow_page <= 23.5
 
 
 def test_server_errors_burn_availability_and_client_errors_do_not(
@@ -140,6 +201,101 @@ def test_models_without_an_objective_are_ignored(monitor: SloMonitor, clock: Clo
     monitor.set_objective("digits", None)
     monitor.record("digits", SLOW_S, "OK")
     assert monitor.snapshot() == {} and monitor.evaluate() == []
+
+
+def test_late_records_land_in_their_bucket_and_ancient_ones_are_dropped(
+    monitor: SloMonitor, clock: Clock
+) -> None:
+    traffic(monitor, clock, 1)
+    before = monitor.snapshot()["digits"]["slis"]["latency"]["events"]
+    monitor.record("digits", SLOW_S, "OK", now_s=clock.now - 1.0)  # 1 s late: in the 2.5 s
+    monitor.record("digits", SLOW_S, "OK", now_s=clock.now - 1000)  # older than the ring
+    rates = monitor.burn_rates("digits")["latency"]
+    assert rates[0.5] == 0.0 and rates[2.5] > 0.0
+    state = monitor.snapshot()["digits"]
+    assert state["slis"]["latency"]["events"] == before + 1
+    assert state["recent"]["latency_ms"]["p99"] == pytest.approx(FAST_S * 1000, rel=0.1)
+
+
+def test_percentiles_come_from_the_recent_histogram(monitor: SloMonitor, clock: Clock) -> None:
+    for i in range(1000):  # within 0.4 s: inside the 0.5 s percentile window
+        clock.now += 0.0004
+        monitor.record("digits", 0.1 if i % 100 == 0 else 0.01 if i % 10 == 0 else 0.001, "OK")
+    recent = monitor.snapshot()["digits"]["recent"]
+    assert recent["requests"] == 1000 and recent["window"] == "0.5s"
+    latency = recent["latency_ms"]  # bins are 10% wide: a percentile is at most 10% high
+    assert 1.0 <= latency["p50"] <= 1.1
+    assert 1.0 <= latency["p90"] <= 1.1  # 900 of 1000 took 1 ms
+    assert 10.0 <= latency["p99"] <= 11.0
+    clock.now += 1.0  # the window moves on
+    assert monitor.snapshot()["digits"]["recent"]["latency_ms"]["p50"] is None
+
+
+def test_rings_are_bounded_whatever_the_traffic(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    wide = SloConfig(
+        latency_threshold_ms=50,
+        alerts=[rule("page", 14.4, long_s=259200, short_s=1)],  # 3 d at 0.1 s: too many
+    )
+    monitor = SloMonitor({"digits": SloConfig(latency_threshold_ms=50), "wide": wide}, clock=clock)
+    assert "need more than" in caplog.text
+    default = monitor._models["digits"]
+    assert default.bucket_s == 30 and default.size == 259200 // 30 + 1
+    assert monitor._models["wide"].size <= MAX_BUCKETS + 1
+    traffic(monitor, clock, 20, rate_hz=1000)
+    assert len(default.ok) == len(default.slow) == len(default.failed) == default.size
+    assert len(default.hist) == default.hist_size == 11
+    assert monitor.snapshot()["digits"]["slis"]["latency"]["events"] == 20000
+
+
+def test_record_evaluate_and_reload_are_safe_from_several_threads(
+    monitor: SloMonitor, clock: Clock
+) -> None:
+    small = SloConfig(latency_threshold_ms=50, alerts=[rule("page", 14.4, long_s=5, short_s=0.5)])
+    feeders, each = 4, 5000
+    errors: list[BaseException] = []
+
+    def guarded(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        return run
+
+    def feed() -> None:
+        for i in range(each):
+            monitor.record("digits", FAST_S if i % 2 else SLOW_S, "OK")
+
+    def read() -> None:
+        for _ in range(30):
+            monitor.evaluate()
+            monitor.snapshot()
+
+    def reload() -> None:  # models come and go while others are evaluated
+        for i in range(60):
+            monitor.set_objective(f"m{i % 20}", small if i < 40 else None)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often
+    try:
+        workers = [threading.Thread(target=guarded(feed)) for _ in range(feeders)]
+        workers += [
+            threading.Thread(target=guarded(read)),
+            threading.Thread(target=guarded(reload)),
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    latency = monitor.snapshot()["digits"]["slis"]["latency"]
+    assert latency["events"] == feeders * each and latency["bad_events"] == feeders * each // 2
+    assert monitor.models() == ["digits"]
 
 
 def test_span_processor_feeds_the_monitor_from_server_spans(
@@ -179,6 +335,11 @@ def test_collector_exposes_objectives_burn_rates_and_alerts(
     burn = values[("batchwire_slo_burn_rate", (("model", "digits"), ("sli", "latency"),
                                                 ("window", "0.5s")))]  # fmt: skip
     assert burn == pytest.approx(100.0)
+    p99 = values[("batchwire_slo_latency_seconds", (("model", "digits"), ("quantile", "0.99")))]
+    assert SLOW_S <= p99 <= SLOW_S * 1.1
+    budget = values[("batchwire_slo_error_budget_remaining", (("model", "digits"),
+                                                             ("sli", "latency")))]  # fmt: skip
+    assert budget == pytest.approx(1 - 200 / 200 / 0.01)  # 1 s of slow traffic, overspent
 
 
 @pytest.fixture
@@ -197,7 +358,7 @@ def slo_endpoint(monitor: SloMonitor, clock: Clock) -> Iterator[str]:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
