@@ -79,7 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _ray_config(args: argparse.Namespace) -> int:
     from server.ray_serve import write_serve_config
 
-    write_serve_config(args.out, args.model_repository, args.port, args.intra_op_threads)
+    write_serve_config(
+        args.out, args.model_repository, args.port, args.intra_op_threads, args.ingress_replicas
+    )
     print(f"wrote {args.out}: serve deploy {args.out}")
     return 0
 
@@ -162,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ray_config.add_argument("--port", type=int, default=9000, help="gRPC port (default 9000)")
     ray_config.add_argument("--intra-op-threads", type=int, default=None)
+    ray_config.add_argument(
+        "--ingress-replicas",
+        type=int,
+        default=1,
+        help="replicas of the ingress deployment every request crosses (default 1)",
+    )
     ray_config.add_argument("--out", type=Path, default=Path("serve_config.yaml"))
     ray_config.set_defaults(func=_ray_config)
 

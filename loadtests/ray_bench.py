@@ -3,12 +3,16 @@
     python -m loadtests.ray_bench [--model-repository DIR] [--duration-s 10]
         [--concurrency mlp64=32 minilm=8] [--out loadtests/results/ray_bench.json]
 
-Serves the same repository (mlp64 + minilm; created in a temporary folder when not given)
-with `batchwire serve` and then with `batchwire serve --ray`, and drives each model with the
-same closed-loop gRPC client (loadtests/openloop.py) at the same concurrency. For Ray it
-also records the time from launch to the first successful ModelInfer and the RSS of the
-whole process tree (driver, GCS, raylet, Serve controller, proxy, replicas) after 10 s idle.
-Prints a table with the ratios ray/plain and writes JSON.
+Serves the same repository (mlp64 + minilm; created in a temporary folder when not given,
+and removed after) with `batchwire serve` and then with `batchwire serve --ray`, and drives
+each model with the same closed-loop gRPC client (loadtests/openloop.py) at the same
+concurrency. For Ray it also records the time from launch to the first successful
+ModelInfer and the RSS of the whole process tree (driver, GCS, raylet, Serve controller,
+proxy, replicas) after 10 s idle. The cost of the hops is measured one request at a time
+(`--hop-duration-s`): ServerLive, which the plain server answers in its servicer and Serve
+answers in the ingress replica (proxy -> ingress: one hop), and ModelInfer on mlp64 (proxy
+-> ingress -> model replica: two hops). Prints tables with the ratios ray/plain and writes
+JSON.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -73,6 +78,29 @@ def measure(address: str, concurrency: dict[str, int], duration_s: float) -> dic
     return out
 
 
+def one_at_a_time_ms(address: str, duration_s: float) -> dict[str, dict[str, float]]:
+    """p50/p99 latency (ms) of back-to-back ServerLive and mlp64 ModelInfer calls."""
+    calls = {
+        "ServerLive": ("ServerLive", pb.ServerLiveRequest()),
+        "ModelInfer mlp64": ("ModelInfer", requests()["mlp64"]),
+    }
+    out = {}
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for label, (method, request) in calls.items():
+            call = getattr(stub, method)
+            for _ in range(20):  # warm-up: connections, first-call paths
+                call(request, timeout=10)
+            latencies_ns = []
+            end = time.monotonic_ns() + int(duration_s * 1e9)
+            while (now := time.monotonic_ns()) < end:
+                call(request, timeout=10)
+                latencies_ns.append(time.monotonic_ns() - now)
+            p50, p99 = np.percentile(np.asarray(latencies_ns) / 1e6, [50, 99])
+            out[label] = {"p50": float(p50), "p99": float(p99), "calls": len(latencies_ns)}
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -113,36 +141,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-repository", type=Path, default=None)
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--concurrency", nargs="*", default=["mlp64=32", "minilm=8"])
+    parser.add_argument("--hop-duration-s", type=float, default=3.0)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "loadtests" / "results" / "ray_bench.json"
     )
     args = parser.parse_args(argv)
     concurrency = {k: int(v) for k, v in (item.split("=") for item in args.concurrency)}
     repository = ensure_repository(args.model_repository)
+    try:
+        return run(args, repository, concurrency, argv)
+    finally:
+        if args.model_repository is None:
+            shutil.rmtree(repository.parent, ignore_errors=True)
 
-    proc, address, _ = launch_server(repository)
+
+def run(
+    args: argparse.Namespace, repository: Path, concurrency: dict[str, int], argv: list[str] | None
+) -> int:
+    """Measure both front doors, print the tables, write the JSON."""
+    # NOTE: --no-monitoring: Ray replicas run the runtime without the monitoring hub, so
+    # both front doors do the same work and the difference is the Ray path.
+    proc, address, _ = launch_server(repository, "--no-monitoring")
     try:
         plain = measure(address, concurrency, args.duration_s)
+        plain_hops = one_at_a_time_ms(address, args.hop_duration_s)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
 
     port = free_port()
+    # NOTE: a short path of our own for Ray's session (its unix sockets live there).
+    temp_dir = tempfile.mkdtemp(prefix="bw-ray-bench-session-")
+    env = dict(os.environ, BATCHWIRE_RAY_TMPDIR=temp_dir)
     started = time.monotonic()
     ray_proc = subprocess.Popen(
         [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "serve", "--ray",
          "--model-repository", str(repository), "--port", str(port),
          "--ray-http-port", str(free_port())],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         startup_s = first_success_s(f"127.0.0.1:{port}", started)
         time.sleep(10.0)  # idle
         rss_mib = tree_rss_mib(ray_proc.pid)
         ray = measure(f"127.0.0.1:{port}", concurrency, args.duration_s)
+        ray_hops = one_at_a_time_ms(f"127.0.0.1:{port}", args.hop_duration_s)
     finally:
         ray_proc.send_signal(signal.SIGTERM)
         ray_proc.wait(timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
     print(
         f"closed loop, {args.duration_s:g} s per model; Ray start-up to first OK request "
@@ -163,11 +210,27 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows.append({"model": model, "concurrency": concurrency[model], "plain": p, "ray": r,
                      "ratio_ray_vs_plain": ratio})  # fmt: skip
+    print(f"one request at a time, {args.hop_duration_s:g} s per RPC (ms)")
+    print(
+        f"{'rpc':<17} {'plain p50':>10} {'ray p50':>8} {'ray-plain':>10} "
+        f"{'plain p99':>10} {'ray p99':>8}"
+    )
+    hops = []
+    for label, p_hop in plain_hops.items():
+        r_hop = ray_hops[label]
+        print(
+            f"{label:<17} {p_hop['p50']:>10.2f} {r_hop['p50']:>8.2f} "
+            f"{r_hop['p50'] - p_hop['p50']:>10.2f} {p_hop['p99']:>10.2f} {r_hop['p99']:>8.2f}"
+        )
+        hops.append({"rpc": label, "plain_ms": p_hop, "ray_ms": r_hop,
+                     "ray_minus_plain_p50_ms": r_hop["p50"] - p_hop["p50"]})  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
         "command": "python -m loadtests.ray_bench " + " ".join(argv or sys.argv[1:]),
+        "load_avg_1m_after": os.getloadavg()[0],
         "ray_startup_to_first_ok_s": startup_s, "ray_idle_rss_mib": rss_mib, "results": rows,
+        "one_at_a_time": hops,
     }, indent=2, default=str))  # fmt: skip
     print(f"wrote {args.out}")
     return 0

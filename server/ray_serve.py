@@ -11,10 +11,12 @@ dataclasses cross the pickle boundary, and batches with batchwire's own `Dynamic
 (not `@serve.batch`), so both front doors batch alike. Replica resources, replica counts
 and `autoscaling_config` come from each model's `config.yaml` (`ray:` block).
 
-Errors: a replica's `InferenceError` reaches the ingress (Ray re-raises it), which sets the
-same gRPC status and message as the plain front door on Serve's gRPC context.
+Errors: a replica returns its `InferenceError` as a value; the ingress sets the same gRPC
+status and message as the plain front door on Serve's gRPC context. A replica that dies
+with requests in flight fails them with UNAVAILABLE; a full replica queue
+(`max_queued_requests`) answers RESOURCE_EXHAUSTED, like the plain server's full queue.
 Not served here: ModelStreamInfer, the repository load/unload RPCs (models are deployments:
-redeploy instead), grpc.health and reflection (Serve's proxy owns the server).
+redeploy instead), grpc.health (Serve's proxy owns the gRPC server).
 """
 
 from __future__ import annotations
@@ -34,17 +36,30 @@ import grpc
 import ray
 import yaml
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.config import HTTPOptions, gRPCOptions
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
 from ray.serve.handle import DeploymentHandle
 
 import batchwire
 from batchwire.config import ModelConfig, load_model_config
-from batchwire.errors import ErrorCode, InferenceError
+from batchwire.errors import InferenceError
 from batchwire.types import InferRequest, InferResponse
 from protos import grpc_service_pb2 as pb
 from server.codec import decode_request, encode_response
 from server.runtime import ModelRuntime
-from server.servicer import EXTENSIONS, SERVER_NAME, model_config_pb, statistics_pb
+from server.servicer import (
+    EXTENSIONS,
+    SERVER_NAME,
+    model_config_pb,
+    model_metadata_pb,
+    statistics_pb,
+)
 from server.status import grpc_status
 
 logger = logging.getLogger(__name__)
@@ -68,11 +83,19 @@ class RayServeSettings:
     intra_op_threads: int | None = None
     num_cpus: int | None = None
     """CPUs of the local Ray instance (None = the machine's)."""
+    temp_dir: Path | None = None
+    """Ray's session and log folder (None = `$BATCHWIRE_RAY_TMPDIR`, else a new one under
+    the system temp dir; keep it short: Ray's socket paths live in it)."""
 
 
 # ------------------------------------------------------------------------------ replica
 class ModelReplica:
-    """One model's runtime (engines + dynamic batcher) inside a Serve replica."""
+    """One model's runtime (engines + dynamic batcher) inside a Serve replica.
+
+    Domain errors come back as values (an `InferenceError` instance), not raised: a
+    raised exception makes Ray format and log a traceback and wrap it per request, which
+    costs more than a small model's compute and floods the logs on bad client input.
+    """
 
     async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
         self, repository: str, model: str, intra_op_threads: int | None
@@ -85,40 +108,47 @@ class ModelReplica:
 
     async def infer(
         self, version: str, request: InferRequest, timeout_ns: int | None
-    ) -> InferResponse:
+    ) -> InferResponse | InferenceError:
         """Run one request; `timeout_ns` re-anchors its deadline on this node's clock."""
         if timeout_ns is not None:
             request.deadline_ns = time.monotonic_ns() + timeout_ns
-        return await self.runtime.infer(self.model, version, request)
+        try:
+            return await self.runtime.infer(self.model, version, request)
+        except InferenceError as exc:
+            return exc
 
     def ready(self, version: str) -> bool:
         """Whether the version is loaded here."""
         return self.runtime.is_ready(self.model, version)
 
-    def metadata(self, version: str) -> bytes:
-        """ModelMetadataResponse, serialized (protobuf stays out of the pickle path)."""
-        model = self.runtime.get(self.model, version)
-        batch = (-1,) if model.config.max_batch_size > 0 else ()
-        out = pb.ModelMetadataResponse(
-            name=self.model,
-            versions=[str(v) for v in self.runtime.versions(self.model)],
-            platform=model.config.platform,
-        )
-        for spec in model.inputs:
-            out.inputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.dims)
-        for spec in model.outputs:
-            out.outputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.dims)
-        return out.SerializeToString()
+    def versions(self) -> list[int]:
+        """The versions loaded here."""
+        return self.runtime.versions(self.model)
 
-    def config(self, version: str) -> bytes:
+    def metadata(self, version: str) -> bytes | InferenceError:
+        """ModelMetadataResponse, serialized (protobuf stays out of the pickle path)."""
+        try:
+            model = self.runtime.get(self.model, version)
+        except InferenceError as exc:
+            return exc
+        versions = self.runtime.versions(self.model)
+        return model_metadata_pb(model, versions).SerializeToString()
+
+    def config(self, version: str) -> bytes | InferenceError:
         """ModelConfigResponse, serialized."""
-        model = self.runtime.get(self.model, version)
+        try:
+            model = self.runtime.get(self.model, version)
+        except InferenceError as exc:
+            return exc
         config = model_config_pb(model, self.runtime.versions(self.model))
         return pb.ModelConfigResponse(config=config).SerializeToString()
 
-    def statistics(self, version: str) -> bytes:
+    def statistics(self, version: str) -> bytes | InferenceError:
         """This replica's ModelStatistics, serialized."""
-        return statistics_pb(self.runtime.get(self.model, version)).SerializeToString()
+        try:
+            return statistics_pb(self.runtime.get(self.model, version)).SerializeToString()
+        except InferenceError as exc:
+            return exc
 
     def whoami(self) -> str:
         """This replica's actor name (tests kill replicas by it)."""
@@ -129,47 +159,63 @@ class ModelReplica:
 
 
 # ------------------------------------------------------------------------------ ingress
-def _inference_error(exc: BaseException) -> InferenceError | None:
-    """The InferenceError inside an exception a DeploymentHandle re-raised, if any."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            return None
-        if isinstance(seen, InferenceError):
-            return seen
-        cause = getattr(seen, "cause", None)
-        seen = cause if isinstance(cause, BaseException) else seen.__cause__
-    return None
+#: Ray and Serve failures of a call to a model replica: the status the plain server would
+#: answer with for the same situation, and what to tell the client.
+_RAY_FAILURES: Final[tuple[tuple[type[BaseException], grpc.StatusCode, str], ...]] = (
+    # The replica died (or is unreachable) with the request in flight: retryable.
+    (RayActorError, grpc.StatusCode.UNAVAILABLE, "the replica serving it stopped; retry"),
+    (ReplicaUnavailableError, grpc.StatusCode.UNAVAILABLE, "no replica available; retry"),
+    (DeploymentUnavailableError, grpc.StatusCode.UNAVAILABLE, "the deployment failed"),
+    # Every replica's queue (max_queued_requests) is full: the plain server's QUEUE_FULL.
+    (BackPressureError, grpc.StatusCode.RESOURCE_EXHAUSTED, "the replicas' queues are full"),
+    (RequestCancelledError, grpc.StatusCode.CANCELLED, "cancelled"),
+)
+
+
+def _set_status(grpc_context: Any, code: grpc.StatusCode, message: str) -> None:
+    """Set the call's status; Serve's proxy sends it with the (empty) response.
+
+    NOTE: setting the status and returning, instead of raising, keeps Serve from logging a
+    traceback per rejected request in the ingress and the proxy.
+    """
+    grpc_context.set_code(code)
+    grpc_context.set_details(message)
 
 
 class Ingress:
     """The Open Inference Protocol methods Serve's gRPC proxy calls (named after the RPCs)."""
 
-    def __init__(
-        self, handles: Mapping[str, DeploymentHandle[Any]], configs: Mapping[str, Any]
-    ) -> None:
+    def __init__(self, handles: Mapping[str, DeploymentHandle[Any]]) -> None:
         self.handles = dict(handles)
-        self.configs = {name: ModelConfig.model_validate(c) for name, c in configs.items()}
 
-    def _handle(self, name: str) -> DeploymentHandle[Any]:
+    async def _remote(self, grpc_context: Any, name: str, method: str, *args: Any) -> Any:
+        """Call `method` on a replica of model `name`.
+
+        Returns:
+            The replica's result, or None after setting the gRPC status on `grpc_context`
+            (unknown model, an `InferenceError` from the replica, a dead replica...).
+        """
         handle = self.handles.get(name)
         if handle is None:
-            raise InferenceError(ErrorCode.NOT_FOUND, f"unknown model '{name}'")
-        return handle
-
-    async def _call(self, grpc_context: Any, work: Any) -> Any:
+            # The runtime's own wording, so both front doors answer alike.
+            _set_status(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
+            return None
         try:
-            return await work
+            result = await getattr(handle, method).remote(*args)
         except Exception as exc:
-            error = _inference_error(exc)
-            if error is None:
-                logger.exception("ray front door: unexpected error")
-                grpc_context.set_code(grpc.StatusCode.INTERNAL)
-                grpc_context.set_details(f"internal error: {exc}")
-            else:
-                grpc_context.set_code(grpc_status(error.code))
-                grpc_context.set_details(error.message)
-            raise
+            for kind, code, why in _RAY_FAILURES:
+                if isinstance(exc, kind):
+                    logger.warning("%s.%s failed: %r", name, method, exc)
+                    message = f"model '{name}': {why} ({type(exc).__name__})"
+                    _set_status(grpc_context, code, message)
+                    return None
+            logger.exception("ray front door: unexpected error calling %s.%s", name, method)
+            _set_status(grpc_context, grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            return None
+        if isinstance(result, InferenceError):
+            _set_status(grpc_context, grpc_status(result.code), result.message)
+            return None
+        return result
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -184,61 +230,78 @@ class Ingress:
 
     async def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         handle = self.handles.get(request.name)
-        ready = handle is not None and await handle.ready.remote(request.version)
-        return pb.ModelReadyResponse(ready=bool(ready))
+        ready = False
+        if handle is not None:
+            try:
+                ready = bool(await handle.ready.remote(request.version))
+            except Exception as exc:  # a replica that cannot answer is not ready
+                logger.warning("%s.ready failed: %s", request.name, exc)
+        return pb.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, grpc_context: Any
     ) -> pb.ModelMetadataResponse:
-        async def work() -> bytes:
-            return await self._handle(request.name).metadata.remote(request.version)  # type: ignore[no-any-return]
-
-        return pb.ModelMetadataResponse.FromString(await self._call(grpc_context, work()))
+        data = await self._remote(grpc_context, request.name, "metadata", request.version)
+        return (
+            pb.ModelMetadataResponse()
+            if data is None
+            else pb.ModelMetadataResponse.FromString(data)
+        )
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, grpc_context: Any
     ) -> pb.ModelConfigResponse:
-        async def work() -> bytes:
-            return await self._handle(request.name).config.remote(request.version)  # type: ignore[no-any-return]
-
-        return pb.ModelConfigResponse.FromString(await self._call(grpc_context, work()))
+        data = await self._remote(grpc_context, request.name, "config", request.version)
+        return pb.ModelConfigResponse() if data is None else pb.ModelConfigResponse.FromString(data)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, grpc_context: Any
     ) -> pb.ModelStatisticsResponse:
-        async def work() -> pb.ModelStatisticsResponse:
-            names = [request.name] if request.name else sorted(self.handles)
-            out = pb.ModelStatisticsResponse()
-            for name in names:
-                data = await self._handle(name).statistics.remote(request.version)
-                out.model_stats.append(pb.ModelStatistics.FromString(data))
-            return out
-
-        result: pb.ModelStatisticsResponse = await self._call(grpc_context, work())
-        return result
+        out = pb.ModelStatisticsResponse()
+        for name in [request.name] if request.name else sorted(self.handles):
+            data = await self._remote(grpc_context, name, "statistics", request.version)
+            if data is None:
+                return pb.ModelStatisticsResponse()
+            out.model_stats.append(pb.ModelStatistics.FromString(data))
+        return out
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest
     ) -> pb.RepositoryIndexResponse:
         out = pb.RepositoryIndexResponse()
         for name in sorted(self.handles):
-            out.models.add(name=name, state="READY")
+            try:
+                versions = await self.handles[name].versions.remote()
+            except Exception as exc:  # as the plain server lists a model that failed to load
+                if not request.ready:
+                    out.models.add(name=name, state="UNAVAILABLE", reason=type(exc).__name__)
+                continue
+            for version in versions:
+                out.models.add(name=name, version=str(version), state="READY")
         return out
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, grpc_context: Any
     ) -> pb.ModelInferResponse:
-        async def work() -> InferResponse:
-            handle = self._handle(request.model_name)
+        if request.model_name not in self.handles:
+            name = request.model_name
+            _set_status(grpc_context, grpc.StatusCode.NOT_FOUND, f"unknown model '{name}'")
+            return pb.ModelInferResponse()
+        try:
             decoded = decode_request(request, None)
-            timeout_ns = None
-            if decoded.deadline_ns is not None:  # the request's own `timeout` parameter
-                timeout_ns = decoded.deadline_ns - time.monotonic_ns()
-                decoded.deadline_ns = None
-            return await handle.infer.remote(request.model_version, decoded, timeout_ns)  # type: ignore[no-any-return]
-
-        response: InferResponse = await self._call(grpc_context, work())
-        return encode_response(response)
+        except InferenceError as exc:
+            _set_status(grpc_context, grpc_status(exc.code), exc.message)
+            return pb.ModelInferResponse()
+        timeout_ns = None
+        if decoded.deadline_ns is not None:  # the request's own `timeout` parameter
+            # NOTE: monotonic clocks differ between nodes: ship the time left, not the
+            # deadline. (Serve's proxy does not pass the gRPC deadline on.)
+            timeout_ns = decoded.deadline_ns - time.monotonic_ns()
+            decoded.deadline_ns = None
+        response = await self._remote(
+            grpc_context, request.model_name, "infer", request.model_version, decoded, timeout_ns
+        )
+        return pb.ModelInferResponse() if response is None else encode_response(response)
 
 
 # ------------------------------------------------------------------------------ app
@@ -273,13 +336,20 @@ def deployment_options(config: ModelConfig) -> dict[str, Any]:
 
 def build_app(args: Mapping[str, Any]) -> serve.Application:
     """The Serve application for a model repository (also a Serve config `import_path`
-    builder: `server.ray_serve:build_app`, args `model_repository`, `intra_op_threads`).
+    builder: `server.ray_serve:build_app`).
+
+    Args:
+        args: `model_repository` (path as the replicas see it), optional
+            `intra_op_threads` (overrides every model's) and `ingress_replicas` (default 1;
+            every request crosses an ingress replica, so a cluster with several proxy
+            nodes wants more than one).
 
     Raises:
         ValueError: the repository holds no model.
     """
     repository = Path(str(args["model_repository"])).resolve()
     threads = args.get("intra_op_threads")
+    ingress_replicas = int(args.get("ingress_replicas") or 1)
     configs = {p.parent.name: load_model_config(p.parent) for p in repository.glob("*/config.yaml")}
     if not configs:
         raise ValueError(f"no model in {repository}")
@@ -289,23 +359,28 @@ def build_app(args: Mapping[str, Any]) -> serve.Application:
         handles[name] = deployment.bind(str(repository), name, threads)
     ingress = serve.deployment(
         name=INGRESS_NAME,
+        num_replicas=ingress_replicas,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
         logging_config={"enable_access_log": False},
     )(Ingress)
-    app: serve.Application = ingress.bind(
-        handles, {n: c.model_dump(mode="json") for n, c in configs.items()}
-    )
+    app: serve.Application = ingress.bind(handles)
     return app
 
 
 def serve_config(
-    model_repository: str, *, port: int = DEFAULT_GRPC_PORT, intra_op_threads: int | None = None
+    model_repository: str,
+    *,
+    port: int = DEFAULT_GRPC_PORT,
+    intra_op_threads: int | None = None,
+    ingress_replicas: int = 1,
 ) -> dict[str, Any]:
     """A Serve config file (for `serve deploy` / KubeRay) serving a repository."""
     args: dict[str, Any] = {"model_repository": model_repository}
     if intra_op_threads is not None:
         args["intra_op_threads"] = intra_op_threads
+    if ingress_replicas != 1:
+        args["ingress_replicas"] = ingress_replicas
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0", "port": 8000},
@@ -323,9 +398,15 @@ def serve_config(
 
 def start_local(settings: RayServeSettings) -> None:
     """Start a local Ray instance and Serve with its gRPC proxy, and deploy the app."""
-    temp_dir = os.environ.get("BATCHWIRE_RAY_TMPDIR") or tempfile.mkdtemp(prefix="bw-ray-")
+    temp_dir = str(
+        settings.temp_dir
+        or os.environ.get("BATCHWIRE_RAY_TMPDIR")
+        or tempfile.mkdtemp(prefix="bw-ray-")
+    )
     root = str(Path(__file__).resolve().parents[1])
     ray.init(
+        # "local": always a new instance, even when RAY_ADDRESS or a `ray start` exists.
+        address="local",
         num_cpus=settings.num_cpus,
         include_dashboard=False,
         _temp_dir=temp_dir,
@@ -383,7 +464,11 @@ def serve_ray(settings: RayServeSettings) -> int:
     return 0
 
 
-def write_serve_config(path: Path, model_repository: str, port: int, threads: int | None) -> None:
+def write_serve_config(
+    path: Path, model_repository: str, port: int, threads: int | None, ingress_replicas: int = 1
+) -> None:
     """`batchwire ray-config`: write a Serve config YAML."""
-    config = serve_config(model_repository, port=port, intra_op_threads=threads)
+    config = serve_config(
+        model_repository, port=port, intra_op_threads=threads, ingress_replicas=ingress_replicas
+    )
     path.write_text(yaml.safe_dump(config, sort_keys=False))

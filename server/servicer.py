@@ -66,6 +66,19 @@ async def _guard(
     raise AssertionError("unreachable: abort raises")
 
 
+def model_metadata_pb(model: ModelVersion, versions: list[int]) -> pb.ModelMetadataResponse:
+    """Open Inference Protocol metadata of a loaded model version."""
+    batch = (-1,) if model.config.max_batch_size > 0 else ()
+    out = pb.ModelMetadataResponse(
+        name=model.config.name, versions=[str(v) for v in versions], platform=model.config.platform
+    )
+    for spec in model.inputs:
+        out.inputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.dims)
+    for spec in model.outputs:
+        out.outputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.dims)
+    return out
+
+
 def model_config_pb(model: ModelVersion, versions: list[int]) -> mc.ModelConfig:
     """Triton's ModelConfig message for a loaded model."""
     config = model.config
@@ -146,17 +159,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         async def body() -> pb.ModelMetadataResponse:
             model = self._runtime.get(request.name, request.version)
-            batch = (-1,) if model.config.max_batch_size > 0 else ()
-            out = pb.ModelMetadataResponse(
-                name=model.config.name,
-                versions=[str(v) for v in self._runtime.versions(request.name)],
-                platform=model.config.platform,
-            )
-            for spec in model.inputs:
-                out.inputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.dims)
-            for spec in model.outputs:
-                out.outputs.add(name=spec.name, datatype=spec.datatype, shape=batch + spec.dims)
-            return out
+            return model_metadata_pb(model, self._runtime.versions(request.name))
 
         return await _guard(context, body)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,16 +66,20 @@ def ray_front_door(ray_repository: Path) -> Iterator[RayFrontDoor]:
     from server.ray_serve import RayServeSettings, start_local
 
     port = free_port()
+    # NOTE: a short path of our own: Ray's unix sockets live in it (107-byte limit).
+    temp_dir = Path(tempfile.mkdtemp(prefix="bw-ray-test-"))
     start_local(
         RayServeSettings(
-            model_repository=ray_repository, port=port, http_port=free_port(), num_cpus=2
-        )  # fmt: skip
-    )
+            model_repository=ray_repository, port=port, http_port=free_port(), num_cpus=2,
+            temp_dir=temp_dir,
+        )
+    )  # fmt: skip
     try:
         yield RayFrontDoor(port)
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -48,6 +48,8 @@ def test_ray_config_command_writes_a_serve_config(tmp_path: Path) -> None:
     assert app["route_prefix"] == "/"  # without one, clients would need application metadata
     assert app["import_path"] == "server.ray_serve:build_app"
     assert app["args"] == {"model_repository": "/models"}
+    main(["ray-config", "--ingress-replicas", "3", "--out", str(out)])
+    assert yaml.safe_load(out.read_text())["applications"][0]["args"]["ingress_replicas"] == 3
 
 
 def test_kuberay_manifest_carries_the_generated_serve_config(tmp_path: Path) -> None:
