@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         sink = OtlpSink(keep_spans=False)
         settings["tracing 100% otlp"] = ["--trace-sampling", "1", "--otlp-endpoint", sink.endpoint]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    unstable = dict.fromkeys(settings, 0)
     try:
         for round_ in range(args.runs):
             for name, extra in settings.items():
@@ -91,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_perf_analyzer(
                         args.tool, address, args.concurrency, args.interval_ms, model="mlp64"
                     )
+                except RuntimeError as exc:  # perf_analyzer: "failed to obtain stable ..."
+                    unstable[name] += 1
+                    print(f"round {round_ + 1} {name:>20}: no stable measurement ({exc})"[:200],
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    continue
                 finally:
                     proc.terminate()
                     proc.wait(timeout=60)
@@ -105,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         if sink is not None:
             sink.stop()
 
+    runs = {name: results for name, results in runs.items() if results}
+    if "off" not in runs:
+        print("no stable measurement of the baseline", file=sys.stderr)
+        return 1
     base = statistics.median(r["throughput_infer_s"] for r in runs["off"])
     print(
         f"mlp64, perf_analyzer -b 1 --concurrency-range {args.concurrency}, "
-        f"median of {args.runs} runs per setting"
+        f"median of the stable runs of {args.runs} per setting"
     )
     print(f"{'setting':>20} {'infer/s':>9} {'p99 ms':>7} {'vs off':>7} {'target':>7}")
     table = []
@@ -121,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:>20} {throughput:>9.0f} {p99_ms:>7.2f} {ratio:>7.3f} "
             f"{'' if target is None else f'>={target}':>7} {met}"
+            + (f" ({unstable[name]} unstable runs left out)" if unstable[name] else "")
         )
         table.append(
             {"setting": name, "median_infer_s": throughput, "median_p99_ms": p99_ms,
-             "ratio_vs_off": ratio, "target_ratio": target, "runs": results}
+             "ratio_vs_off": ratio, "target_ratio": target, "runs": results,
+             "unstable_runs": unstable[name]}
         )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(

@@ -167,23 +167,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.ModelInferResponse:
         monitoring = self._monitoring
-        if monitoring is not None:
-            try:
+        try:
+            if monitoring is not None:
                 # NOTE: metadata (for `traceparent`) costs a tuple build: only when tracing.
                 metadata = context.invocation_metadata() if monitoring.tracer else None
                 return await self._observed_infer(
                     request, deadline_ns(context), metadata, METHOD_INFER
                 )
-            except InferenceError as exc:
-                if context.done():
-                    return pb.ModelInferResponse()
-                await context.abort(grpc_status(exc.code), exc.message)
-            except Exception as exc:
-                logger.exception("unexpected error in ModelInfer")
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
-            raise AssertionError("unreachable: abort raises")
-        # NOTE: the unmonitored hot path; kept flat (no nested closure) to save a few µs.
-        try:
+            # The unmonitored path (--no-monitoring): the runtime's own one-call infer.
             decoded = decode_request(request, deadline_ns(context))
             response = await self._runtime.infer(request.model_name, request.model_version, decoded)
             return encode_response(response)

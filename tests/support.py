@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now (for servers that cannot bind port 0, e.g. Ray's
+    gRPC proxy; another process could take it before they bind, which is rare here)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -15,7 +15,6 @@ import queue
 import selectors
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from tests.clients.test_tritonclient import (  # noqa: E402, F401 - fixtures and
     test_server_and_model_state,
     test_statistics,
 )
-from tests.support import ROOT  # noqa: E402
+from tests.support import ROOT, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -66,12 +65,6 @@ class RayServer:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def ray_processes(temp_dir: Path) -> list[int]:

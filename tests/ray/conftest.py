@@ -8,7 +8,6 @@ reacts within seconds.
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pytest
 pytest.importorskip("ray", reason="needs ray[serve] (the dev extra installs it)")
 
 from batchwire.config import AutoscalingConfig, RayConfig, load_model_config, write_model_config
+from tests.support import free_port
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,6 @@ class RayFrontDoor:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
