@@ -1,6 +1,6 @@
 """What monitoring costs: `mlp64` throughput at concurrency 32 with each monitoring setting.
 
-    python -m loadtests.monitoring_overhead [--runs 3] [--concurrency 32] [--otlp]
+    python -m loadtests.monitoring_overhead [--runs 3] [--concurrency 32] [--otlp] [--only SETTING ...]
 
 Serves a fresh `mlp64` repository (with a drift block and a reference profile, so drift
 runs too) once per setting and round, and drives it with perf_analyzer:
@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--interval-ms", type=int, default=3000)
     parser.add_argument("--otlp", action="store_true", help="also trace to an OTLP receiver")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SETTING",
+        help="run only these settings (e.g. off 'tracing 100%% file'); `off` is always run",
+    )
     parser.add_argument("--tool", type=Path, default=DEFAULT_TOOL)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "loadtests" / "results" / "monitoring_overhead.json"
@@ -82,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
 
         sink = OtlpSink(keep_spans=False)
         settings["tracing 100% otlp"] = ["--trace-sampling", "1", "--otlp-endpoint", sink.endpoint]
+    if args.only:
+        unknown = set(args.only) - set(settings)
+        if unknown:
+            parser.error(f"unknown settings {sorted(unknown)}; choose from {sorted(settings)}")
+        settings = {k: v for k, v in settings.items() if k == "off" or k in args.only}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
     unstable = dict.fromkeys(settings, 0)
     try:

@@ -42,13 +42,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.trace import SpanKind
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from batchwire.config import BurnRateAlertConfig, SloConfig
-from monitoring import spans as S
+from monitoring.tracing import RequestSpanProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -369,21 +367,15 @@ class SloMonitor:
         return out
 
 
-class SloSpanProcessor(SpanProcessor):
-    """Feeds the SLO monitor from ended SERVER spans that carry `batchwire.model.name`."""
+class SloSpanProcessor(RequestSpanProcessor):
+    """Feeds the SLO monitor from ended SERVER spans that carry `batchwire.model.name`
+    (the tracer hands it each request's fields directly; see `RequestSpanProcessor`)."""
 
     def __init__(self, monitor: SloMonitor) -> None:
         self.monitor = monitor
 
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.kind is not SpanKind.SERVER or span.start_time is None or span.end_time is None:
-            return
-        attributes = span.attributes or {}
-        model = attributes.get(S.MODEL_NAME)
-        if not isinstance(model, str):
-            return
-        status = attributes.get(S.RPC_RESPONSE_STATUS_CODE, "OK")
-        self.monitor.record(model, (span.end_time - span.start_time) / 1e9, str(status))
+    def on_request_end(self, model: str, status: str, duration_ns: int) -> None:
+        self.monitor.record(model, duration_ns / 1e9, status)
 
 
 class SloCollector(Collector):
