@@ -58,18 +58,10 @@ class CpuLane:
         Raises:
             InferenceError: the engine's own error, or INTERNAL for any other failure.
         """
+        if self.inline:
+            return self.run_inline(inputs, samples)
         if samples > self.max_samples:
             return None
-        if self.inline:
-            if self._busy_inline:  # re-entrancy cannot happen on one loop, but stay safe
-                return None
-            self._busy_inline = True
-            start = time.monotonic_ns()
-            try:
-                return _checked(self.engines[0], inputs)
-            finally:
-                self._busy_inline = False
-                self._count(samples, start)
         if not self._free:
             return None
         instance = self._free.pop()
@@ -80,6 +72,24 @@ class CpuLane:
             return await loop.run_in_executor(self._executors[instance], _checked, engine, inputs)
         finally:
             self._free.append(instance)
+            self._count(samples, start)
+
+    def run_inline(self, inputs: dict[str, np.ndarray], samples: int) -> Outputs | None:
+        """`try_run` of an inline lane, without a coroutine: run on the calling thread (the
+        event loop) now if the request is eligible, else None.
+
+        Raises:
+            InferenceError: the engine's own error, or INTERNAL for any other failure.
+        """
+        # NOTE: re-entrancy cannot happen on one event loop, but stay safe.
+        if samples > self.max_samples or self._busy_inline or not self.inline:
+            return None
+        self._busy_inline = True
+        start = time.monotonic_ns()
+        try:
+            return _checked(self.engines[0], inputs)
+        finally:
+            self._busy_inline = False
             self._count(samples, start)
 
     def _count(self, samples: int, start_ns: int) -> None:

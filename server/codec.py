@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import struct
 import time
+from collections.abc import Mapping
 from typing import Final
 
 import numpy as np
@@ -82,8 +83,8 @@ def _decode_tensor(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | N
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise _invalid(f"input '{name}': unsupported datatype '{datatype}'")
-    shape = tuple(tensor.shape)
-    if any(d < 0 for d in shape):
+    shape = tuple(tensor.shape[:])  # NOTE: slicing a upb repeated field is ~3x cheaper
+    if shape and min(shape) < 0:
         raise _invalid(f"input '{name}': shape {_shape_text(shape)} has a negative dimension")
     count = math.prod(shape)  # exact for any size; np.prod costs microseconds here
     if raw is not None:
@@ -120,8 +121,10 @@ def decode_request(request: pb.ModelInferRequest, deadline_ns: int | None) -> In
         InferenceError: INVALID_INPUT for malformed tensors (unknown datatype, raw buffers
             that do not match their shape, raw and typed contents mixed, duplicate inputs).
     """
-    raws = request.raw_input_contents
-    tensors = request.inputs
+    # NOTE: upb repeated fields and maps are slow to iterate (a Python-level iterator per
+    # element; a map's `.items()` goes through collections.abc): slice once, iterate keys.
+    raws = request.raw_input_contents[:]
+    tensors = request.inputs[:]
     if raws and len(raws) != len(tensors):
         raise _invalid(
             f"raw_input_contents has {len(raws)} entries for {len(tensors)} inputs; "
@@ -136,13 +139,11 @@ def decode_request(request: pb.ModelInferRequest, deadline_ns: int | None) -> In
         if tensor.name in inputs:
             raise _invalid(f"input '{tensor.name}' appears more than once")
         inputs[tensor.name] = _decode_tensor(tensor, raws[i] if raws else None)
-    requested = [o.name for o in request.outputs] if request.outputs else None
+    outputs = request.outputs
+    requested = [o.name for o in outputs[:]] if outputs else None
     # NOTE: guarded: iterating an empty protobuf map still costs a few microseconds.
-    params = (
-        {key: _param_value(value) for key, value in request.parameters.items()}
-        if request.parameters
-        else {}
-    )
+    parameters = request.parameters
+    params = {key: _param_value(parameters[key]) for key in parameters} if parameters else {}
     priority = params.get("priority", 0)
     timeout_us = params.get("timeout", 0)
     if isinstance(timeout_us, int) and not isinstance(timeout_us, bool) and timeout_us > 0:
@@ -177,12 +178,16 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
             param.int64_param = value
         else:
             param.string_param = value
-    raws = out.raw_output_contents
-    for name, array in response.outputs.items():
-        datatype = datatype_of(array)
-        out.outputs.add(name=name, datatype=datatype, shape=array.shape)
-        if datatype == "BYTES":
-            raws.append(serialize_bytes(array))
-        else:
-            raws.append(np.ascontiguousarray(array).tobytes())
+    append_outputs(out, response.outputs)
     return out
+
+
+def append_outputs(out: pb.ModelInferResponse, outputs: Mapping[str, np.ndarray]) -> None:
+    """Append output tensors (in the mapping's order) as raw_output_contents."""
+    raws = out.raw_output_contents
+    add = out.outputs.add
+    for name, array in outputs.items():
+        datatype = datatype_of(array)
+        add(name=name, datatype=datatype, shape=array.shape)
+        # NOTE: tobytes() writes C order whatever the array's layout.
+        raws.append(serialize_bytes(array) if datatype == "BYTES" else array.tobytes())

@@ -71,6 +71,19 @@ class VersionStats:
             reason = exc.reason or "invalid"
             self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
+    def count_success(self, lane: str, elapsed_ns: int) -> None:
+        """Count one successful request: its lane and its time inside the runtime."""
+        self.success.add(elapsed_ns)
+        self.latency_hist.observe_ns(elapsed_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.lane_requests[lane] += 1
+
+    def count_error(self, exc: BaseException, elapsed_ns: int) -> None:
+        """Count one request that failed after validation (any exception)."""
+        if isinstance(exc, InferenceError):
+            self.count_failure(exc)
+        self.fail.add(elapsed_ns)
+
 
 class ModelObserver(BatchObserver, Protocol):
     """Monitoring of one model version: sees its batches and its CPU-lane requests."""
@@ -398,8 +411,14 @@ class ModelRuntime:
         lane = "batched"
         try:
             outputs = None
-            if model.lane is not None and not model.batcher.closed:
-                outputs = await model.lane.try_run(request.inputs, samples)
+            cpu_lane = model.lane
+            if cpu_lane is not None and not model.batcher.closed:
+                # NOTE: an inline lane is called directly: no coroutine to create and await.
+                outputs = (
+                    cpu_lane.run_inline(request.inputs, samples)
+                    if cpu_lane.inline
+                    else await cpu_lane.try_run(request.inputs, samples)
+                )
             if outputs is None:
                 outputs = await model.batcher.submit(
                     request.inputs,
@@ -419,19 +438,10 @@ class ModelRuntime:
                     timing.batch_requests = 1
                 if model.observer is not None:
                     model.observer.on_lane(request.inputs, outputs)
-        except InferenceError as exc:
-            model.stats.count_failure(exc)
-            model.stats.fail.add(time.monotonic_ns() - start_ns)
+        except BaseException as exc:
+            model.stats.count_error(exc, time.monotonic_ns() - start_ns)
             raise
-        except BaseException:
-            model.stats.fail.add(time.monotonic_ns() - start_ns)
-            raise
-        stats = model.stats
-        elapsed_ns = time.monotonic_ns() - start_ns
-        stats.success.add(elapsed_ns)
-        stats.latency_hist.observe_ns(elapsed_ns)
-        stats.last_inference_ms = time.time_ns() // 1_000_000
-        stats.lane_requests[lane] += 1
+        model.stats.count_success(lane, time.monotonic_ns() - start_ns)
         if request.requested_outputs is not None:
             outputs = {k: outputs[k] for k in request.requested_outputs}
         return InferResponse(

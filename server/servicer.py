@@ -17,6 +17,7 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 from server.codec import decode_request, encode_response
+from server.inline import InlinePath
 from server.runtime import ModelRuntime, ModelVersion
 from server.status import grpc_status
 
@@ -79,6 +80,10 @@ def model_metadata_pb(model: ModelVersion, versions: list[int]) -> pb.ModelMetad
     return out
 
 
+def _since_s(start_ns: int) -> float:
+    return (time.monotonic_ns() - start_ns) / 1e9
+
+
 def model_config_pb(model: ModelVersion, versions: list[int]) -> mc.ModelConfig:
     """Triton's ModelConfig message for a loaded model."""
     config = model.config
@@ -130,6 +135,68 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._runtime = runtime
         self._monitoring = monitoring
         self.accepting = True
+        # Each loaded version's inline fast path (or None), keyed by id() and checked by
+        # identity: ModelVersion is unhashable, and a reload makes new ones.
+        self._inline: dict[int, tuple[ModelVersion, InlinePath | None]] = {}
+
+    def _inline_path(self, request: pb.ModelInferRequest) -> InlinePath | None:
+        """The fast path for this request's model, or None (the general path serves it)."""
+        try:
+            model = self._runtime.get(request.model_name, request.model_version)
+        except InferenceError:
+            return None  # unknown model or version: the general path answers and counts it
+        cached = self._inline.get(id(model))
+        if cached is None or cached[0] is not model:
+            if len(self._inline) > 64:  # versions unloaded since: forget them
+                self._inline.clear()
+            cached = self._inline[id(model)] = (model, InlinePath.of(model))
+        return cached[1]
+
+    def _inline_infer(
+        self,
+        path: InlinePath,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext[object, object],
+        method: str,
+    ) -> pb.ModelInferResponse | None:
+        """`path.infer`, traced or feeding the SLO monitor as `_observed_infer` does.
+
+        Raises:
+            InferenceError: as `InlinePath.infer`.
+        """
+        monitoring = self._monitoring
+        if monitoring is None:
+            return path.infer(request)
+        tracer = monitoring.tracer
+        timing = RequestTiming() if tracer is not None else None
+        start_ns = time.monotonic_ns()
+        status = "OK"
+        answer = None
+        try:
+            answer = path.infer(request, timing)
+            return answer
+        except InferenceError as exc:
+            status = grpc_status(exc.code).name
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            end_ns = time.monotonic_ns()
+            if answer is None and status == "OK":
+                pass  # stepped aside: the general path records this request
+            elif tracer is None:
+                monitoring.record_request(request.model_name, (end_ns - start_ns) / 1e9, status)
+            else:
+                assert timing is not None
+                model = path.model
+                # The spans of a CPU-lane request: decode up to the lane call, encode after.
+                decoded_ns = timing.compute_start_ns or end_ns
+                tracer.end_request(
+                    tracer.begin(context.invocation_metadata()), method, request.model_name,
+                    str(model.version), "cpu", timing.batch_samples, request.id, status,
+                    start_ns, decoded_ns, timing, timing.compute_end_ns or end_ns, end_ns,
+                )  # fmt: skip
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext[object, object]
@@ -168,6 +235,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         monitoring = self._monitoring
         try:
+            path = self._inline_path(request)
+            if path is not None:
+                answer = self._inline_infer(path, request, context, METHOD_INFER)
+                if answer is not None:
+                    return answer
             if monitoring is not None:
                 # NOTE: metadata (for `traceparent`) costs a tuple build: only when tracing.
                 metadata = context.invocation_metadata() if monitoring.tracer else None

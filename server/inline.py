@@ -1,0 +1,148 @@
+"""The inline fast path: protobuf in, the model's inline CPU lane, protobuf out.
+
+For a model whose CPU lane runs inline (cheap models such as `mlp64`), the general path's
+per-request Python work (an `InferRequest`, validation against the config, an
+`InferResponse`, two coroutines) costs as much as the model itself. `InlinePath` serves a
+plainly valid request of such a model straight from the protobuf message and gives up
+(answers None) on anything else, before doing any work, so that the general path produces
+the precise error or runs the request through the batcher.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Final
+
+import numpy as np
+
+from batchwire.datatypes import NUMPY_DTYPES
+from batchwire.types import RequestTiming
+from protos import grpc_service_pb2 as pb
+from server.codec import append_outputs
+from server.runtime import ModelVersion
+
+#: The response parameter naming the lane (as `ModelRuntime.run` sets it).
+LANE_PARAMETER: Final = "batchwire_lane"
+
+
+class InlinePath:
+    """Serves the requests that the general path would run on a version's inline CPU lane.
+
+    It accepts only what the general path accepts, and runs, counts and observes (drift) a
+    request as `ModelRuntime.run` does on the lane: the same engine instance, statistics
+    and observer. Anything else makes `infer` answer None before any work: typed
+    `contents`, another datatype or shape, an unknown or missing input, more samples than
+    the lane takes, a closing model.
+
+    Args:
+        model: a version whose CPU lane is inline (see `of`).
+    """
+
+    __slots__ = ("model", "_lane", "_inputs", "_outputs", "_max_samples", "_template")
+
+    def __init__(self, model: ModelVersion) -> None:
+        lane = model.lane
+        if lane is None or not lane.inline:
+            raise ValueError(f"model {model.config.name} has no inline CPU lane")
+        self.model = model
+        self._lane = lane
+        self._inputs = {
+            spec.name: (np.dtype(NUMPY_DTYPES[spec.datatype]), spec.dims) for spec in model.inputs
+        }
+        self._outputs = frozenset(spec.name for spec in model.outputs)
+        self._max_samples = min(lane.max_samples, model.config.max_batch_size)
+        # Every answer's fields but the id and the outputs.
+        self._template = pb.ModelInferResponse(
+            model_name=model.config.name, model_version=str(model.version)
+        )
+        self._template.parameters[LANE_PARAMETER].string_param = "cpu"
+
+    @classmethod
+    def of(cls, model: ModelVersion) -> InlinePath | None:
+        """The fast path of a version, or None when it has none: no inline lane, no batch
+        axis, a tokenizer, or an optional or BYTES input."""
+        config = model.config
+        if (
+            model.lane is None
+            or not model.lane.inline
+            or config.max_batch_size <= 0
+            or config.tokenizer is not None
+            or any(t.optional or t.datatype == "BYTES" for t in config.inputs)
+        ):
+            return None
+        return cls(model)
+
+    def infer(
+        self, request: pb.ModelInferRequest, timing: RequestTiming | None = None
+    ) -> pb.ModelInferResponse | None:
+        """Run the request on the inline lane now, or answer None (take the general path).
+
+        Args:
+            request: the message as received.
+            timing: filled in with the lane call's start, end and size (for trace spans:
+                before the call is decoding, after it encoding), when given.
+
+        Raises:
+            InferenceError: the engine failed (counted as the general path counts it).
+        """
+        model = self.model
+        # NOTE: upb repeated fields are sliced once: iterating them is ~3x slower.
+        tensors = request.inputs[:]
+        raws = request.raw_input_contents[:]
+        expected = self._inputs
+        # NOTE: request parameters are not looked at: the general path only reads `priority`
+        # and `timeout` from them, which matter in the batcher's queue, not on the lane
+        # (perf_analyzer sends `triton_enable_empty_final_response` with every request).
+        if len(tensors) != len(expected) or len(raws) != len(tensors) or model.batcher.closed:
+            return None
+        inputs: dict[str, np.ndarray] = {}
+        samples = 0
+        for tensor, raw in zip(tensors, raws, strict=True):
+            name = tensor.name
+            spec = expected.get(name)
+            if spec is None or name in inputs or tensor.HasField("contents"):
+                return None
+            dtype, dims = spec
+            shape = tuple(tensor.shape[:])
+            if NUMPY_DTYPES.get(tensor.datatype) != dtype or len(shape) != len(dims) + 1:
+                return None
+            n = shape[0]
+            if n < 1 or n > self._max_samples or (samples and n != samples):
+                return None
+            for given, wanted in zip(shape[1:], dims, strict=True):
+                if given < 0 or (given != wanted and wanted != -1):
+                    return None
+            if len(raw) != math.prod(shape) * dtype.itemsize:
+                return None
+            samples = n
+            inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        wanted_outputs = request.outputs
+        requested = [o.name for o in wanted_outputs[:]] if wanted_outputs else None
+        if requested is not None and not self._outputs.issuperset(requested):
+            return None
+        start_ns = time.monotonic_ns()
+        stats = model.stats
+        try:
+            outputs = self._lane.run_inline(inputs, samples)
+            if outputs is not None and model.observer is not None:
+                model.observer.on_lane(inputs, outputs)
+        except BaseException as exc:
+            stats.count_error(exc, time.monotonic_ns() - start_ns)
+            raise
+        if outputs is None:  # busy (cannot happen on one event loop): the general path
+            return None
+        end_ns = time.monotonic_ns()
+        stats.count_success("cpu", end_ns - start_ns)
+        if timing is not None:
+            timing.compute_start_ns = start_ns
+            timing.compute_end_ns = end_ns
+            timing.batch_samples = samples
+            timing.batch_requests = 1
+        out = pb.ModelInferResponse()
+        out.CopyFrom(self._template)  # NOTE: half the cost of setting the fields one by one
+        out.id = request.id
+        append_outputs(
+            out, outputs if requested is None else {name: outputs[name] for name in requested}
+        )
+        return out
