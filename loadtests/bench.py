@@ -1,6 +1,7 @@
 """Side-by-side benchmark: batchwire, MLServer, PyTriton and a bare grpc.aio servicer on mlp64.
 
-    python -m loadtests.bench [--servers batchwire mlserver pytriton bare] [--concurrency 1 32]
+    python -m loadtests.bench [--servers batchwire mlserver pytriton bare bare-ort]
+        [--concurrency 1 32]
         [--runs 3] [--interval-ms 3000] [--out loadtests/results/bench.json]
         [--openloop-rates R ...] [--openloop-duration-s 10]
 
@@ -55,6 +56,7 @@ BASELINE: Final = "batchwire"
 VERSION_PACKAGES: Final = {
     "batchwire": ("batchwire", "grpcio", "protobuf", "numpy", "onnxruntime"),
     "bare": ("grpcio", "protobuf", "numpy"),
+    "bare-ort": ("grpcio", "protobuf", "numpy", "onnxruntime"),
     "mlserver": ("mlserver", "uvloop", "grpcio", "protobuf", "numpy"),
     "pytriton": ("nvidia-pytriton", "grpcio", "numpy"),
 }

@@ -1,6 +1,7 @@
 """What monitoring costs: `mlp64` throughput at concurrency 32 with each monitoring setting.
 
-    python -m loadtests.monitoring_overhead [--runs 3] [--concurrency 32] [--otlp] [--only SETTING ...]
+    python -m loadtests.monitoring_overhead [--runs 3] [--concurrency 32] [--otlp]
+        [--only SETTING ...]
 
 Serves a fresh `mlp64` repository (with a drift block and a reference profile, so drift
 runs too) once per setting and round, and drives it with perf_analyzer:

@@ -16,9 +16,11 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from loadtests.peers import model
 from protos import grpc_service_pb2 as pb
@@ -26,6 +28,8 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from protos import model_config_pb2 as mc
 
 logger = logging.getLogger(__name__)
+
+Array = npt.NDArray[np.float32]
 
 VERSION = "1"
 
@@ -39,10 +43,26 @@ def bare_model_config() -> mc.ModelConfig:
 
 
 class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """One request, one matmul: the Open Inference Protocol with nothing in between."""
+    """One request, one matmul: the Open Inference Protocol with nothing in between.
 
-    def __init__(self) -> None:
+    Args:
+        onnx: run this ONNX file (batchwire's mlp64 export) with ONNX Runtime, as batchwire
+            does (1 intra-op thread), instead of the numpy matmul: the `bare-ort` baseline,
+            which holds the engine constant so that a ratio to it is serving overhead only.
+    """
+
+    def __init__(self, onnx: str | None = None) -> None:
         self._weights = model.mlp64_weights(seed=0)
+        self._forward: Callable[[Array, Array], Array] = model.mlp64_forward
+        if onnx is not None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = 1
+            session = ort.InferenceSession(onnx, options, providers=["CPUExecutionProvider"])
+            feed = session.get_inputs()[0].name
+            fetch = [session.get_outputs()[0].name]
+            self._forward = lambda x, _: np.asarray(session.run(fetch, {feed: x})[0], np.float32)
         self._config = pb.ModelConfigResponse(config=bare_model_config())
         shape = [-1, model.WIDTH]
         self._metadata = pb.ModelMetadataResponse(name=model.NAME, versions=[VERSION])
@@ -94,7 +114,7 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"INPUT must be [-1, {model.WIDTH}] FP32"
             )
-        y = model.mlp64_forward(x.reshape(-1, model.WIDTH), self._weights)
+        y = self._forward(x.reshape(-1, model.WIDTH), self._weights)
         response = pb.ModelInferResponse(
             model_name=model.NAME, model_version=VERSION, id=request.id
         )
@@ -108,10 +128,10 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}")
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, onnx: str | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then stop with a short grace."""
     server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareServicer(), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareServicer(onnx), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -129,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--onnx", help="run this ONNX model with ONNX Runtime (default: numpy)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    asyncio.run(serve(args.host, args.port))
+    asyncio.run(serve(args.host, args.port, args.onnx))
     return 0
 
 

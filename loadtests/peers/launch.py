@@ -1,13 +1,14 @@
 """Start, wait for, check and stop the servers of the side-by-side benchmark.
 
-Four servers serve the same `mlp64` on 127.0.0.1, each from its own environment:
+Five servers serve the same `mlp64` on 127.0.0.1, each from its own environment:
 
 | name | what | environment |
 |---|---|---|
 | `batchwire` | `python -m batchwire serve --port 0`, a fresh repository | `.venv` |
 | `mlserver` | `mlserver_peer.py`: MLServer 1.7.1, adaptive batching | `peers/.venv-mlserver` |
 | `pytriton` | `pytriton_peer.py`: Triton's dynamic batcher | `peers/.venv-pytriton` |
-| `bare` | `bare_grpc.py`: grpc.aio, no batching | `.venv` |
+| `bare` | `bare_grpc.py`: grpc.aio, no batching, a numpy matmul | `.venv` |
+| `bare-ort` | the same, running batchwire's mlp64 ONNX file with ONNX Runtime | `.venv` |
 
 `server_spec` builds a server's command line and environment (pure, unit tested);
 `start_server` runs it in a session of its own with its output in a log file, learns its
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 PEERS_DIR: Final = Path(__file__).resolve().parent
-SERVERS: Final = ("batchwire", "mlserver", "pytriton", "bare")
+SERVERS: Final = ("batchwire", "mlserver", "pytriton", "bare", "bare-ort")
 #: The virtual environment of each peer that does not run in batchwire's own.
 PEER_VENVS: Final = {
     "mlserver": PEERS_DIR / ".venv-mlserver",
@@ -112,7 +113,8 @@ def server_spec(
 
     Args:
         name: One of `SERVERS`.
-        model_repository: batchwire's repository holding mlp64 (needed for `batchwire`).
+        model_repository: batchwire's repository holding mlp64 (needed for `batchwire` and
+            `bare-ort`).
         port: Picks a free port (injected so tests need no sockets).
         libdir: LIBDIR of an interpreter (injected so tests run no peer Python).
         environ: The parent's environment (for LD_LIBRARY_PATH).
@@ -128,10 +130,13 @@ def server_spec(
                 "--model-repository", str(model_repository),
                 "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]  # fmt: skip
         return ServerSpec(name, argv)
-    if name == "bare":
-        return ServerSpec(
-            name, [python, "-m", "loadtests.peers.bare_grpc", "--host", "127.0.0.1", "--port", "0"]
-        )
+    if name in ("bare", "bare-ort"):
+        argv = [python, "-m", "loadtests.peers.bare_grpc", "--host", "127.0.0.1", "--port", "0"]
+        if name == "bare-ort":
+            if model_repository is None:
+                raise ValueError("bare-ort needs batchwire's model repository holding mlp64")
+            argv += ["--onnx", str(model_repository / model.NAME / "1" / "model.onnx")]
+        return ServerSpec(name, argv)
     if name in PEER_VENVS:
         grpc_port, http_port, metrics_port = port(), port(), port()
         interpreter = peer_python(name)

@@ -19,7 +19,13 @@ from loadtests.peers.bare_grpc import BareServicer, bare_model_config
 from loadtests.peers.model_config_wire import model_config_response
 from protos import grpc_service_pb2 as pb
 from protos import model_config_pb2 as mc
-from trainer.mlp64 import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_US, mlp64_config, mlp64_weights
+from trainer.mlp64 import (
+    MAX_BATCH_SIZE,
+    MAX_QUEUE_DELAY_US,
+    create_mlp64,
+    mlp64_config,
+    mlp64_weights,
+)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -88,12 +94,16 @@ class _AbortContext:
         raise grpc.aio.AbortError(f"{code}: {details}")
 
 
-def test_bare_servicer_infers_a_batch() -> None:
+@pytest.mark.parametrize("engine", ["numpy", "onnxruntime"])
+def test_bare_servicer_infers_a_batch(engine: str, tmp_path: Path) -> None:
     x = np.random.default_rng(4).standard_normal((3, model.WIDTH)).astype(np.float32)
     request = pb.ModelInferRequest(model_name="mlp64", id="r7")
     request.inputs.add(name="INPUT", datatype="FP32", shape=[3, model.WIDTH])
     request.raw_input_contents.append(x.tobytes())
-    servicer = BareServicer()
+    onnx = None
+    if engine == "onnxruntime":  # `bare-ort`: batchwire's own export of mlp64
+        onnx = str(create_mlp64(tmp_path) / "model.onnx")
+    servicer = BareServicer(onnx)
     response = asyncio.run(servicer.ModelInfer(request, _AbortContext()))
     assert response.id == "r7" and list(response.outputs[0].shape) == [3, model.WIDTH]
     y = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(3, model.WIDTH)
@@ -124,6 +134,14 @@ def test_bare_spec_runs_in_batchwire_venv() -> None:
     assert spec.argv == ["py", "-m", "loadtests.peers.bare_grpc", "--host", "127.0.0.1",
                          "--port", "0"]  # fmt: skip
     assert spec.address is None
+
+
+def test_bare_ort_spec_runs_the_repositorys_onnx_file(tmp_path: Path) -> None:
+    spec = launch.server_spec("bare-ort", model_repository=tmp_path, python="py")
+    assert spec.argv[:3] == ["py", "-m", "loadtests.peers.bare_grpc"]
+    assert spec.argv[spec.argv.index("--onnx") + 1] == str(tmp_path / "mlp64" / "1" / "model.onnx")
+    with pytest.raises(ValueError, match="repository"):
+        launch.server_spec("bare-ort")
 
 
 def test_mlserver_spec_uses_its_venv_and_three_distinct_ports() -> None:
