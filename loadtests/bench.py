@@ -3,7 +3,7 @@
     python -m loadtests.bench [--servers batchwire mlserver pytriton bare bare-ort]
         [--concurrency 1 32]
         [--runs 3] [--interval-ms 3000] [--out loadtests/results/bench.json]
-        [--openloop-rates R ...] [--openloop-duration-s 10]
+        [--openloop-rates R ...] [--openloop-duration-s 8]
 
 `make bench` runs it after creating every environment (`loadtests/peers/setup.sh`, the
 perf_analyzer install). Every server serves the same mlp64 (y = relu(x @ W), W 64x64 FP32,
@@ -18,10 +18,13 @@ of the machine spreads over all servers instead of landing on one. The table sho
 median run by throughput and batchwire's throughput over each server's; the JSON keeps
 every run, every command, the date, the machine and the versions.
 
-`--openloop-rates` also runs the open-loop generator (`python -m loadtests.openloop`, when the
-repository has it) against each server in the last round, after perf_analyzer, and keeps its
-JSON. Mean batch size comes from perf_analyzer's server statistics (batchwire, Triton);
-MLServer and the bare servicer have no ModelStatistics RPC, so it shows as `-`.
+In the last round the open-loop generator (`python -m loadtests.openloop`: Poisson arrivals,
+latency from each request's intended send time) also sweeps `--openloop-rates` against each
+server after perf_analyzer; a second table shows it, and each server's JSON and PNG stay in
+`openloop/` beside `--out`. `--openloop-rates` with no value skips it.
+
+Mean batch size comes from perf_analyzer's server statistics (batchwire, Triton); MLServer
+and the bare servicers have no ModelStatistics RPC, so it shows as `-`.
 """
 
 from __future__ import annotations
@@ -121,11 +124,16 @@ def format_table(cells: Sequence[Cell], baseline: str = BASELINE) -> str:
     return "\n".join(lines)
 
 
-def openloop_hook(rates: Sequence[float], duration_s: float) -> LoadHook:
-    """Run `python -m loadtests.openloop` (when present) at `rates` and return its JSON."""
+#: Offered loads of the open-loop sweep (req/s), below, near and above the peers' capacity.
+DEFAULT_OPENLOOP_RATES: Final = (500.0, 1000.0, 2000.0, 3000.0)
+
+
+def openloop_hook(rates: Sequence[float], duration_s: float, out_dir: Path) -> LoadHook:
+    """Run `python -m loadtests.openloop` at `rates`; its JSON and PNG go to `out_dir`."""
 
     def run(server: str, address: str, scratch: Path) -> dict[str, Any]:
-        out = scratch / f"openloop_{server}.json"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / f"openloop_{server}.json"
         cmd = [sys.executable, "-m", "loadtests.openloop", "--address", address,
                "--model", MODEL, "--rates", *map(str, rates),
                "--duration-s", str(duration_s), "--out", str(out)]  # fmt: skip
@@ -133,9 +141,38 @@ def openloop_hook(rates: Sequence[float], duration_s: float) -> LoadHook:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=bound_s)
         if proc.returncode != 0 or not out.exists():
             raise RuntimeError(f"openloop failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        return {"command": " ".join(cmd[:-2]), "result": json.loads(out.read_text())}
+        return {
+            "command": " ".join(cmd[:-2]),
+            "json": str(out),
+            "png": str(out.with_suffix(".png")),
+            "result": json.loads(out.read_text()),
+        }
 
     return run
+
+
+def format_openloop_table(servers: dict[str, dict[str, Any]]) -> str:
+    """Open-loop latency (from each request's intended send time) per server and rate."""
+    header = (
+        f"{'server':<10} {'offered/s':>9} {'ok/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        "  note"
+    )
+    lines = [header, "-" * len(header)]
+    for name in launch.SERVERS:
+        for load in servers.get(name, {}).get("extra_loads", []):
+            for row in load.get("result", {}).get("runs", []):
+                latency = row["latency_ms"]
+                errors = sum(row["errors"].values())
+
+                def ms(value: float | None) -> str:
+                    return "-" if value is None else f"{value:.2f}"
+
+                note = "generator lagged" if row["generator_lagged"] else ""
+                lines.append(
+                    f"{name:<10} {row['offered_rps']:>9.0f} {row['achieved_rps']:>7.0f}"
+                    f" {ms(latency['p50']):>8} {ms(latency['p99']):>8} {errors:>7}  {note}"
+                )
+    return "\n".join(lines)
 
 
 def package_versions(python: Path | str, packages: Sequence[str]) -> dict[str, str]:
@@ -263,8 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--tool", type=Path, default=DEFAULT_TOOL, help="perf_analyzer")
     parser.add_argument("--log-dir", type=Path, help="servers' logs (default: beside --out)")
-    parser.add_argument("--openloop-rates", type=float, nargs="+", help="also run openloop")
-    parser.add_argument("--openloop-duration-s", type=float, default=10.0)
+    parser.add_argument(
+        "--openloop-rates",
+        type=float,
+        nargs="*",
+        default=list(DEFAULT_OPENLOOP_RATES),
+        help="offered loads of the open-loop sweep in the last round (none: skip it)",
+    )
+    parser.add_argument("--openloop-duration-s", type=float, default=8.0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not args.tool.exists():
@@ -275,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
 
     hooks: list[LoadHook] = []
     if args.openloop_rates:
-        hooks.append(openloop_hook(args.openloop_rates, args.openloop_duration_s))
+        hooks.append(
+            openloop_hook(
+                args.openloop_rates, args.openloop_duration_s, args.out.parent / "openloop"
+            )
+        )
 
     date = time.strftime("%Y-%m-%d %H:%M:%S %z")
     cells = {(s, c): Cell(s, c) for s in args.servers for c in args.concurrency}
@@ -298,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.interval_ms} ms windows, median of {args.runs} runs by throughput"
     )
     print(format_table(ordered))
+    if args.openloop_rates:
+        print(
+            f"\nopen loop (python -m loadtests.openloop, Poisson arrivals, "
+            f"{args.openloop_duration_s:g} s per rate, last round; latency from the intended "
+            f"send time; JSON and PNG per server in {args.out.parent / 'openloop'})"
+        )
+        print(format_openloop_table(servers))
     versions = {
         name: package_versions(
             launch.peer_python(name) if name in launch.PEER_VENVS else sys.executable,

@@ -253,6 +253,38 @@ def test_table_shows_batchwire_over_peer_ratio_and_failures() -> None:
     assert "failed" in lines[5] and "boom" in lines[5]
 
 
+def _openloop_row(rate: float, ok: float, p50: float | None, lagged: bool = False) -> dict:
+    return {
+        "offered_rps": rate, "achieved_rps": ok, "errors": {"DEADLINE_EXCEEDED": 2} if lagged
+        else {}, "latency_ms": {"p50": p50, "p99": None if p50 is None else p50 * 4},
+        "generator_lagged": lagged,
+    }  # fmt: skip
+
+
+def test_openloop_table_lists_each_server_and_rate_in_server_order() -> None:
+    servers = {
+        "bare": {"extra_loads": [{"result": {"runs": [_openloop_row(500, 499, 0.5)]}}]},
+        "batchwire": {
+            "extra_loads": [
+                {
+                    "result": {
+                        "runs": [
+                            _openloop_row(500, 500, 0.4),
+                            _openloop_row(3000, 2100, None, lagged=True),
+                        ]
+                    }
+                }  # fmt: skip
+            ]
+        },
+        "mlserver": {"errors": ["start: boom"]},
+    }
+    lines = bench.format_openloop_table(servers).splitlines()
+    assert "p99 ms" in lines[0] and len(lines) == 5
+    assert lines[2].split() == ["batchwire", "500", "500", "0.40", "1.60", "0"]
+    assert lines[3].split() == ["batchwire", "3000", "2100", "-", "-", "2", "generator", "lagged"]
+    assert lines[4].split()[:2] == ["bare", "500"]
+
+
 def test_bare_server_starts_answers_correctly_and_stops(tmp_path: Path) -> None:
     server = launch.start_server(launch.server_spec("bare"), tmp_path, ready_timeout_s=60)
     try:
