@@ -339,6 +339,8 @@ class DynamicBatcher:
         queue.append(
             _Pending(inputs, size, future, now, deadline_ns, priority, group, trace, timing)
         )
+        if timing is not None:
+            timing.queued_ns = now  # (so that a request dropped in the queue has it too)
         self._queued += 1
         self.stats.requests_total += 1
         if self._free and not self._pump_soon:
@@ -564,7 +566,6 @@ class DynamicBatcher:
         for pending in batch:
             timing = pending.timing
             if timing is not None:
-                timing.queued_ns = pending.enqueued_ns
                 timing.compute_start_ns = start_ns
                 timing.compute_end_ns = end_ns
                 timing.batch_samples = total

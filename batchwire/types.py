@@ -51,7 +51,7 @@ class RequestTiming:
     """
 
     queued_ns: int = 0
-    """Entered the batcher's queue."""
+    """Entered the batcher's queue (set at once: a request dropped there has it too)."""
     compute_start_ns: int = 0
     """Its batch (or its CPU-lane call) started on an engine."""
     compute_end_ns: int = 0

@@ -462,14 +462,17 @@ class RequestTracer:
                 SpanData(S.DECODE, trace_id, bits(64), span_id, False, False,
                          start_ns + offset, decoded_ns + offset, False, True, {}, ())
             )  # fmt: skip
-        if timing is not None and timing.compute_start_ns:
+        if timing is not None:
             if timing.queued_ns:
+                # NOTE: a request that never reached an engine (its deadline passed in the
+                # queue, or its caller left) waited until the request ended: an error span.
+                left = timing.compute_start_ns
                 children.append(
                     SpanData(S.QUEUE, trace_id, bits(64), span_id, False, False,
-                             timing.queued_ns + offset, timing.compute_start_ns + offset,
-                             False, True, {}, ())
+                             timing.queued_ns + offset, (left or end_ns) + offset,
+                             not left, True, {}, ())
                 )  # fmt: skip
-            elif lane == "cpu":
+            elif timing.compute_start_ns and lane == "cpu":
                 children.append(
                     SpanData(S.ENGINE, trace_id, bits(64), span_id, False, False,
                              timing.compute_start_ns + offset, timing.compute_end_ns + offset,

@@ -246,3 +246,19 @@ def test_json_lines_file_rotates(tmp_path: Path) -> None:
     rotated = path.with_name("out.jsonl.1")
     assert rotated.exists() and rotated.stat().st_size > 2_000
     assert path.stat().st_size <= 2_000 + 4_000  # at most one flush past the limit
+
+
+def test_a_request_dropped_in_the_queue_gets_a_queue_span_until_it_ended() -> None:
+    tracer, exporter, _ = make_tracer()
+    try:
+        timing = RequestTiming(queued_ns=1_200)  # its deadline passed before any batch ran
+        tracer.end_request(tracer.begin(None), "inference.GRPCInferenceService/ModelInfer",
+                           "digits", "1", "batched", 1, "", "DEADLINE_EXCEEDED", 1_000, 1_100,
+                           timing, 0, 9_000)  # fmt: skip
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    queue = next(s for s in exporter.spans if s.name == S.QUEUE)
+    assert queue.end_time - queue.start_time == 7_800  # queued at 1 200, request ended at 9 000
+    assert not queue.status.is_ok
+    assert S.ENCODE not in {s.name for s in exporter.spans}
