@@ -80,10 +80,6 @@ def model_metadata_pb(model: ModelVersion, versions: list[int]) -> pb.ModelMetad
     return out
 
 
-def _since_s(start_ns: int) -> float:
-    return (time.monotonic_ns() - start_ns) / 1e9
-
-
 def model_config_pb(model: ModelVersion, versions: list[int]) -> mc.ModelConfig:
     """Triton's ModelConfig message for a loaded model."""
     config = model.config
