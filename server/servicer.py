@@ -80,6 +80,15 @@ def model_metadata_pb(model: ModelVersion, versions: list[int]) -> pb.ModelMetad
     return out
 
 
+def status_name(exc: BaseException) -> str:
+    """The gRPC status name a request that raised `exc` ends with (for SLOs and spans)."""
+    if isinstance(exc, InferenceError):
+        return str(grpc_status(exc.code).name)
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
 def model_config_pb(model: ModelVersion, versions: list[int]) -> mc.ModelConfig:
     """Triton's ModelConfig message for a loaded model."""
     config = model.config
@@ -171,11 +180,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             answer = path.infer(request, timing)
             return answer
-        except InferenceError as exc:
-            status = grpc_status(exc.code).name
-            raise
-        except Exception:
-            status = "INTERNAL"
+        except BaseException as exc:
+            status = status_name(exc)
             raise
         finally:
             end_ns = time.monotonic_ns()
@@ -349,14 +355,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             lane = str(response.parameters.get("batchwire_lane", ""))
             encode_ns = time.monotonic_ns()
             return encode_response(response)
-        except InferenceError as exc:
-            status = grpc_status(exc.code).name
-            raise
-        except asyncio.CancelledError:
-            status = "CANCELLED"
-            raise
-        except Exception:
-            status = "INTERNAL"
+        except BaseException as exc:
+            status = status_name(exc)
             raise
         finally:
             end_ns = time.monotonic_ns()
