@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from monitoring.tracing import (
     RequestTracer,
     TraceHandle,
     TracingSettings,
+    span_line,
 )
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -262,3 +264,54 @@ def test_a_request_dropped_in_the_queue_gets_a_queue_span_until_it_ended() -> No
     assert queue.end_time - queue.start_time == 7_800  # queued at 1 200, request ended at 9 000
     assert not queue.status.is_ok
     assert S.ENCODE not in {s.name for s in exporter.spans}
+
+
+@pytest.mark.parametrize(
+    ("lane", "status", "timing", "parent"),
+    [
+        (
+            "cpu",
+            "OK",
+            RequestTiming(
+                compute_start_ns=1_200, compute_end_ns=1_300, batch_samples=2, batch_requests=1
+            ),
+            True,
+        ),  # fmt: skip
+        (
+            "batched",
+            "OK",
+            RequestTiming(
+                queued_ns=1_150, compute_start_ns=1_200, compute_end_ns=1_800, batch_samples=4
+            ),
+            False,
+        ),  # fmt: skip
+        ("batched", "DEADLINE_EXCEEDED", RequestTiming(queued_ns=1_150), False),
+        ("", "INTERNAL", None, False),
+    ],
+)
+def test_the_files_fast_path_writes_what_span_line_writes(
+    lane: str, status: str, timing: RequestTiming | None, parent: bool
+) -> None:
+    tracer = RequestTracer(
+        TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
+    )  # (the exporter is not used: both texts are built here)
+    try:
+        metadata = [("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")] if parent else None
+        handle = tracer.begin(metadata)
+        encode = 1_900 if status == "OK" else 0
+        method = "inference.GRPCInferenceService/ModelInfer"
+        tracer.end_request(handle, method, "digits", "1", lane, 2, "req-7", status,
+                           1_000, 1_100, timing, encode, 2_000)  # fmt: skip
+        record = tracer._records.popleft()
+        random.seed(7)
+        fast, count = tracer._request_lines(record, '{"service.name":"x"}')  # type: ignore[arg-type]
+        random.seed(7)
+        server, children = tracer._request_spans(record)
+        assert children is not None
+        slow = "\n".join(
+            [span_line(server, '{"service.name":"x"}'), *(span_line(c) for c in children)]
+        )
+    finally:
+        tracer.shutdown()
+    assert fast == slow and count == 1 + len(children)
+    assert [json.loads(line)["name"] for line in fast.splitlines()][0].endswith("ModelInfer")
