@@ -315,3 +315,47 @@ def test_the_files_fast_path_writes_what_span_line_writes(
         tracer.shutdown()
     assert fast == slow and count == 1 + len(children)
     assert [json.loads(line)["name"] for line in fast.splitlines()][0].endswith("ModelInfer")
+
+
+def _span_fields(span: object) -> tuple[object, ...]:
+    from google.protobuf.json_format import MessageToDict
+
+    fields = MessageToDict(span)  # type: ignore[arg-type]
+    fields.pop("status", None) if not fields.get("status") else None
+    fields["attributes"] = sorted((a["key"], str(a["value"])) for a in fields.get("attributes", []))
+    return tuple(sorted((k, str(v)) for k, v in fields.items()))
+
+
+def test_otlp_encoding_matches_the_sdks_encoder() -> None:
+    from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans
+
+    from monitoring.tracing import encode_otlp, readable_span
+
+    tracer, _, _ = make_tracer()
+    try:
+        parent = tracer.begin([("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")])
+        finish(tracer, parent)  # batched: decode, queue, encode
+        timing = RequestTiming(compute_start_ns=1_200, compute_end_ns=1_300, batch_samples=2,
+                               batch_requests=1)  # fmt: skip
+        finish(tracer, tracer.begin(None), lane="cpu", timing=timing, status="INTERNAL")
+        records = list(tracer._records)
+        spans = []
+        for record in records:
+            server, children = tracer._request_spans(record)
+            spans += [server, *(children or [])]
+        batch = ExecutedBatch(  # a batch span with links, through the message API
+            name="digits/1", inputs={}, outputs=None, samples=4, padded_samples=4,
+            member_samples=[2, 2], traces=[parent.link, (5, 6)], start_ns=1_500, end_ns=1_800,
+            error=None,
+        )  # fmt: skip
+        tracer.record_batch("digits", "1", batch)
+        spans += tracer._batch_spans(tracer._records[-1])
+        ours = encode_otlp(spans, tracer.resource, tracer.scope)
+        sdk = encode_spans([readable_span(s, tracer.resource, tracer.scope) for s in spans])
+    finally:
+        tracer._records.clear()
+        tracer.shutdown()
+    assert ours.resource_spans[0].resource == sdk.resource_spans[0].resource
+    mine = sorted(map(_span_fields, ours.resource_spans[0].scope_spans[0].spans))
+    theirs = sorted(map(_span_fields, sdk.resource_spans[0].scope_spans[0].spans))
+    assert len(mine) == len(spans) == 10 and mine == theirs
