@@ -5,7 +5,7 @@ here, and a request has four spans, which would cost more than the whole request
 a small model. Instead the event loop appends one compact record per request (ids, monotonic
 timestamps, attributes: about 2 µs) and the engine threads one per batch; a shipper thread
 turns them, every `flush_interval_s`, into `SpanData` tuples that the exporters write
-directly (OTLP/gRPC), or, for the local JSON-lines file, straight into text: about 7 µs
+directly (OTLP/gRPC), or, for the local JSON-lines file, straight into text: about 8 µs
 per request with four spans, where building SDK `ReadableSpan`s and converting them cost
 50 µs. `RequestSpanProcessor`s
 (the SLO monitor's) get each request's fields without any span object; other SDK span
@@ -244,6 +244,10 @@ _RequestRecord = tuple[
 ]
 """_REQUEST, handle, method, model, version, lane, samples, request id, status, start,
 decoded, timing, encode start, end (monotonic ns; 0 = that phase did not happen)."""
+_Phase = tuple[str, int, int, bool, dict[str, str | int], str]
+"""A request's child span: name, start, end (monotonic ns), error, attributes, their JSON."""
+_NO_ATTRIBUTES: Final[dict[str, str | int]] = {}
+"""The attributes of decode, queue and encode spans (shared: nothing may modify it)."""
 
 
 def monotonic_to_epoch_offset_ns() -> int:
@@ -275,7 +279,7 @@ class RequestTracer:
         self.settings = settings
         self.processors = list(processors)
         self._attribute_cache: dict[tuple[object, ...], tuple[dict[str, str | int], str]] = {}
-        self._lane_engine_cache: dict[int, tuple[dict[str, str | int], tuple[()], str]] = {}
+        self._lane_engine_cache: dict[int, tuple[dict[str, str | int], str]] = {}
         self._fast_processors = [p for p in self.processors if isinstance(p, RequestSpanProcessor)]
         self._generic_processors = [
             p for p in self.processors if not isinstance(p, RequestSpanProcessor)
@@ -288,6 +292,7 @@ class RequestTracer:
                 "service.version": batchwire.__version__,
             }
         )
+        self._resource_json = _dumps(dict(self.resource.attributes))
         self.scope = InstrumentationScope(S.SCOPE, batchwire.__version__)
         self._bound = round(settings.sampling_ratio * (1 << 64))
         self._records: deque[tuple[object, ...]] = deque()
@@ -397,26 +402,19 @@ class RequestTracer:
         if not records:
             return
         exporter = self.exporter
-        if isinstance(exporter, JsonLinesSpanExporter) and not self._generic_processors:
+        generic = self._generic_processors
+        if isinstance(exporter, JsonLinesSpanExporter) and not generic:
             self._ship_lines(exporter)
             return
         exported: list[SpanData] = []
-        fast = self._fast_processors
-        generic = self._generic_processors
-        n = len(records)
-        for _ in range(n):
+        for _ in range(len(records)):
             record = records.popleft()
             if record[0] == _REQUEST:
-                # NOTE: the fast processors (the SLO monitor's) take the record's fields
-                # as they are; a span is built only for what needs one.
-                (_, handle, _, model, _, _, _, _, status, start_ns, *_, end_ns) = cast(
-                    _RequestRecord, record
-                )
-                for fast_processor in fast:
-                    fast_processor.on_request_end(model, status, end_ns - start_ns)
-                if not handle.sampled and not generic:
+                request = cast(_RequestRecord, record)
+                self._feed_fast_processors(request)
+                if not request[1].sampled and not generic:
                     continue
-                server, children = self._request_spans(record)
+                server, children = self._request_spans(request)
                 for processor in generic:
                     processor.on_end(readable_span(server, self.resource, self.scope))
                 if children is not None:
@@ -432,32 +430,26 @@ class RequestTracer:
                     span = readable_span(data, self.resource, self.scope)
                     for processor in generic:
                         processor.on_end(span)
-        exporter = self.exporter
         if isinstance(exporter, SpanDataExporter):
             result = exporter.export_data(exported, self.resource, self.scope)
         else:
             result = exporter.export(
                 [readable_span(data, self.resource, self.scope) for data in exported]
             )
-        if result is SpanExportResult.SUCCESS:
-            self.exported_spans += len(exported)
-        else:
-            logger.warning("exporting %d spans failed", len(exported))
+        self._count_export(result, len(exported))
 
     def _ship_lines(self, exporter: JsonLinesSpanExporter) -> None:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
         straight to text (`_request_lines`), with no `SpanData` in between."""
         records = self._records
-        fast = self._fast_processors
-        resource_json = _dumps(dict(self.resource.attributes))
+        resource_json = self._resource_json
         chunks: list[str] = []
         spans = 0
         for _ in range(len(records)):
             record = records.popleft()
             if record[0] == _REQUEST:
                 request = cast(_RequestRecord, record)
-                for fast_processor in fast:
-                    fast_processor.on_request_end(request[3], request[8], request[13] - request[9])
+                self._feed_fast_processors(request)
                 if request[1].sampled:
                     text, count = self._request_lines(request, "{}" if chunks else resource_json)
                     chunks.append(text)
@@ -467,10 +459,18 @@ class RequestTracer:
                 chunks.append(span_line(batch[0], "{}" if chunks else resource_json))
                 chunks.extend(map(span_line, batch[1:]))
                 spans += len(batch)
-        if not chunks:
-            return
-        chunks.append("")
-        if exporter.write("\n".join(chunks)) is SpanExportResult.SUCCESS:
+        if chunks:
+            chunks.append("")
+            self._count_export(exporter.write("\n".join(chunks)), spans)
+
+    def _feed_fast_processors(self, record: _RequestRecord) -> None:
+        """Every request, sampled or not, reaches the fast processors (the SLO monitor's)
+        as its fields: model, status, duration."""
+        for processor in self._fast_processors:
+            processor.on_request_end(record[3], record[8], record[13] - record[9])
+
+    def _count_export(self, result: SpanExportResult, spans: int) -> None:
+        if result is SpanExportResult.SUCCESS:
             self.exported_spans += spans
         else:
             logger.warning("exporting %d spans failed", spans)
@@ -484,7 +484,7 @@ class RequestTracer:
         """
         (
             _, handle, method, model, version, lane, samples, request_id, status,
-            start_ns, decoded_ns, timing, encode_start_ns, end_ns,
+            start_ns, _, _, _, end_ns,
         ) = record  # fmt: skip
         offset = self._offset_ns
         _, attributes_json = self._server_attributes(
@@ -501,36 +501,19 @@ class RequestTracer:
             f'"attributes":{attributes_json},"links":[],"resource":{resource_json}}}'
         ]
         bits = random.getrandbits
-        if decoded_ns:
-            lines.append(
-                _child_line(trace, bits(64), span, _DECODE_JSON, start_ns + offset,
-                            decoded_ns + offset, False, "{}")
-            )  # fmt: skip
-        if timing is not None:
-            if timing.queued_ns:
-                left = timing.compute_start_ns
-                lines.append(
-                    _child_line(trace, bits(64), span, _QUEUE_JSON, timing.queued_ns + offset,
-                                (left or end_ns) + offset, not left, "{}")
-                )  # fmt: skip
-            elif timing.compute_start_ns and lane == "cpu":
-                lines.append(
-                    _child_line(trace, bits(64), span, _ENGINE_JSON,
-                                timing.compute_start_ns + offset, timing.compute_end_ns + offset,
-                                False, self._lane_engine_attributes(timing.batch_samples)[2])
-                )  # fmt: skip
-        if encode_start_ns:
-            lines.append(
-                _child_line(trace, bits(64), span, _ENCODE_JSON, encode_start_ns + offset,
-                            end_ns + offset, False, "{}")
-            )  # fmt: skip
+        lines.extend(
+            _child_line(trace, bits(64), span, _name_json(name), start + offset, end + offset,
+                        error, attributes_json)
+            for name, start, end, error, _, attributes_json in self._child_phases(record)
+        )  # fmt: skip
         return "\n".join(lines), len(lines)
 
-    def _request_spans(self, record: tuple[object, ...]) -> tuple[SpanData, list[SpanData] | None]:
+    def _request_spans(self, record: _RequestRecord) -> tuple[SpanData, list[SpanData] | None]:
+        """A request's server span, and its children when it is sampled."""
         (
             _, handle, method, model, version, lane, samples, request_id, status,
-            start_ns, decoded_ns, timing, encode_start_ns, end_ns,
-        ) = cast(_RequestRecord, record)  # fmt: skip
+            start_ns, _, _, _, end_ns,
+        ) = record  # fmt: skip
         offset = self._offset_ns
         attributes, attributes_json = self._server_attributes(
             method, model, version, lane, samples, status, request_id
@@ -544,34 +527,39 @@ class RequestTracer:
         if not handle.sampled:
             return server, None
         bits = random.getrandbits
-        children: list[SpanData] = []
+        children = [
+            SpanData(name, trace_id, bits(64), span_id, False, False, start + offset,
+                     end + offset, error, True, attributes, (), attributes_json)
+            for name, start, end, error, attributes, attributes_json in self._child_phases(record)
+        ]  # fmt: skip
+        return server, children
+
+    def _child_phases(self, record: _RequestRecord) -> list[_Phase]:
+        """The child spans of a sampled request, in order: decode, then queue (batched
+        lane) or engine (CPU lane), then encode; each only if that phase happened."""
+        (
+            _, _, _, _, _, lane, _, _, _, start_ns, decoded_ns, timing, encode_start_ns, end_ns,
+        ) = record  # fmt: skip
+        phases: list[_Phase] = []
         if decoded_ns:
-            children.append(
-                SpanData(S.DECODE, trace_id, bits(64), span_id, False, False,
-                         start_ns + offset, decoded_ns + offset, False, True, {}, ())
-            )  # fmt: skip
+            phases.append((S.DECODE, start_ns, decoded_ns, False, _NO_ATTRIBUTES, "{}"))
         if timing is not None:
             if timing.queued_ns:
                 # NOTE: a request that never reached an engine (its deadline passed in the
                 # queue, or its caller left) waited until the request ended: an error span.
                 left = timing.compute_start_ns
-                children.append(
-                    SpanData(S.QUEUE, trace_id, bits(64), span_id, False, False,
-                             timing.queued_ns + offset, (left or end_ns) + offset,
-                             not left, True, {}, ())
-                )  # fmt: skip
+                phases.append(
+                    (S.QUEUE, timing.queued_ns, left or end_ns, not left, _NO_ATTRIBUTES, "{}")
+                )
             elif timing.compute_start_ns and lane == "cpu":
-                children.append(
-                    SpanData(S.ENGINE, trace_id, bits(64), span_id, False, False,
-                             timing.compute_start_ns + offset, timing.compute_end_ns + offset,
-                             False, True, *self._lane_engine_attributes(timing.batch_samples))
+                attributes, attributes_json = self._lane_engine_attributes(timing.batch_samples)
+                phases.append(
+                    (S.ENGINE, timing.compute_start_ns, timing.compute_end_ns, False,
+                     attributes, attributes_json)
                 )  # fmt: skip
         if encode_start_ns:
-            children.append(
-                SpanData(S.ENCODE, trace_id, bits(64), span_id, False, False,
-                         encode_start_ns + offset, end_ns + offset, False, True, {}, ())
-            )  # fmt: skip
-        return server, children
+            phases.append((S.ENCODE, encode_start_ns, end_ns, False, _NO_ATTRIBUTES, "{}"))
+        return phases
 
     def _server_attributes(
         self, method: str, model: str, version: str, lane: str, samples: int, status: str,
@@ -609,15 +597,15 @@ class RequestTracer:
             f"{encoded[:-1]},{_REQUEST_ID_JSON}:{_dumps(request_id)}}}",
         )
 
-    def _lane_engine_attributes(self, samples: int) -> tuple[dict[str, str | int], tuple[()], str]:
-        """Attributes, links and attribute JSON of a CPU-lane engine span (cached)."""
+    def _lane_engine_attributes(self, samples: int) -> tuple[dict[str, str | int], str]:
+        """Attributes and attribute JSON of a CPU-lane engine span (cached)."""
         cache = self._lane_engine_cache
         hit = cache.get(samples)
         if hit is None:
             if len(cache) >= _ATTRIBUTE_CACHE_SIZE:
                 cache.clear()
             attributes: dict[str, str | int] = {S.LANE: "cpu", S.BATCH_SIZE: samples}
-            hit = cache[samples] = (attributes, (), _dumps(attributes))
+            hit = cache[samples] = (attributes, _dumps(attributes))
         return hit
 
     def _batch_spans(self, record: tuple[object, ...]) -> list[SpanData]:
@@ -662,12 +650,6 @@ def _name_json(name: str) -> str:
     if encoded is None:
         encoded = _NAME_JSON[name] = _dumps(name)
     return encoded
-
-
-_DECODE_JSON: Final = _name_json(S.DECODE)
-_QUEUE_JSON: Final = _name_json(S.QUEUE)
-_ENGINE_JSON: Final = _name_json(S.ENGINE)
-_ENCODE_JSON: Final = _name_json(S.ENCODE)
 
 
 def _child_line(
@@ -771,8 +753,6 @@ def encode_otlp(spans: Sequence[SpanData], resource: Resource, scope: Instrument
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )
-    from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
-    from opentelemetry.proto.trace.v1.trace_pb2 import Status as PbStatus
 
     request = ExportTraceServiceRequest()
     resource_spans = request.resource_spans.add()
@@ -781,39 +761,12 @@ def encode_otlp(spans: Sequence[SpanData], resource: Resource, scope: Instrument
     scope_spans = resource_spans.scope_spans.add()
     scope_spans.scope.name = scope.name
     scope_spans.scope.version = scope.version or ""
-    add = scope_spans.spans.add
-    encoded_spans: list[bytes] = []
-    for span in spans:
-        if not span.links:
-            body = _span_bytes(span)
-            encoded_spans.append(b"\x12" + _varint(len(body)) + body)
-            continue
-        # A batch span (links: one per member request): rare, through the message API.
-        out = add(
-            trace_id=span.trace_id.to_bytes(16, "big"),
-            span_id=span.span_id.to_bytes(8, "big"),
-            name=span.name,
-            kind=PbSpan.SPAN_KIND_SERVER if span.server else PbSpan.SPAN_KIND_INTERNAL,
-            start_time_unix_nano=span.start_ns,
-            end_time_unix_nano=span.end_ns,
-            flags=0x100 | (0x200 if span.parent_remote else 0),
-        )
-        if span.parent_span_id:
-            out.parent_span_id = span.parent_span_id.to_bytes(8, "big")
-        if span.attributes:
-            out.MergeFromString(_otlp_attributes(span))
-        for trace_id, span_id, samples in span.links:
-            link = out.links.add(
-                trace_id=trace_id.to_bytes(16, "big"),
-                span_id=span_id.to_bytes(8, "big"),
-                flags=0x100,  # (the linked span's context is local, as the SDK says)
-            )
-            link.attributes.add(key=S.REQUEST_SAMPLES).value.int_value = samples
-        if span.error:
-            out.status.code = PbStatus.STATUS_CODE_ERROR
-    # NOTE: the other spans are encoded by hand (`_span_bytes`) and parsed in C in one go:
-    # building them field by field through the message API cost ~3 µs per span.
-    scope_spans.MergeFromString(b"".join(encoded_spans))
+    # NOTE: spans are encoded by hand (`_span_bytes`) and parsed in C in one go: building
+    # them field by field through the message API cost ~3 µs per span.
+    encoded = [_span_bytes(span) for span in spans]
+    scope_spans.MergeFromString(
+        b"".join(b"\x12" + _varint(len(body)) + body for body in encoded)  # spans (2)
+    )
     return request
 
 
@@ -824,6 +777,10 @@ _OTLP_NAMES: dict[str, bytes] = {}
 _STATUS_ERROR: Final = b"\x7a\x02\x18\x02"  # status (15) { code (3): STATUS_CODE_ERROR }
 _FLAGS_FIELD: Final = b"\x85\x01"  # flags (16), fixed32
 _PACK_TIMES: Final = struct.Struct("<BQBQ").pack  # start (7) and end (8), fixed64
+_LINK_FLAGS: Final = b"\x35" + (0x100).to_bytes(4, "little")  # Link.flags (6), fixed32
+_SAMPLES_KEY: Final = (
+    b"\x0a" + bytes([len(S.REQUEST_SAMPLES)]) + S.REQUEST_SAMPLES.encode()
+)  # KeyValue.key (1)
 
 
 def _varint(value: int) -> bytes:
@@ -852,8 +809,8 @@ def _otlp_attributes(span: SpanData) -> bytes:
 
 
 def _span_bytes(span: SpanData) -> bytes:
-    """An OTLP `Span` without links in protobuf wire format (fields as `encode_otlp` sets
-    them through the message API; a test checks both against the SDK's encoder)."""
+    """An OTLP `Span` in protobuf wire format: the fields batchwire sets, as the SDK's
+    `encode_spans` sets them (a test compares the two)."""
     name = _OTLP_NAMES.get(span.name)
     if name is None:
         raw = span.name.encode()
@@ -873,10 +830,27 @@ def _span_bytes(span: SpanData) -> bytes:
     )
     if span.attributes:
         parts.append(_otlp_attributes(span))
+    for trace_id, span_id, samples in span.links:
+        link = _link_bytes(trace_id, span_id, samples)
+        parts += (b"\x6a", _varint(len(link)), link)  # links (13)
     if span.error:
         parts.append(_STATUS_ERROR)
     parts += (_FLAGS_FIELD, (0x300 if span.parent_remote else 0x100).to_bytes(4, "little"))
     return b"".join(parts)
+
+
+def _link_bytes(trace_id: int, span_id: int, samples: int) -> bytes:
+    """An OTLP `Span.Link` to a member request's span, with its sample count."""
+    value = b"\x18" + _varint(samples)  # AnyValue { int_value (3) }
+    attribute = _SAMPLES_KEY + b"\x12" + _varint(len(value)) + value  # KeyValue { key, value }
+    return b"".join(
+        (
+            b"\x0a\x10", trace_id.to_bytes(16, "big"),  # trace_id (1)
+            b"\x12\x08", span_id.to_bytes(8, "big"),  # span_id (2)
+            b"\x22", _varint(len(attribute)), attribute,  # attributes (4)
+            _LINK_FLAGS,  # flags (6): the linked context is local, as the SDK says
+        )
+    )  # fmt: skip
 
 
 def _set_attributes(target: Any, attributes: Any) -> None:

@@ -411,14 +411,8 @@ class ModelRuntime:
         lane = "batched"
         try:
             outputs = None
-            cpu_lane = model.lane
-            if cpu_lane is not None and not model.batcher.closed:
-                # NOTE: an inline lane is called directly: no coroutine to create and await.
-                outputs = (
-                    cpu_lane.run_inline(request.inputs, samples)
-                    if cpu_lane.inline
-                    else await cpu_lane.try_run(request.inputs, samples)
-                )
+            if model.lane is not None and not model.batcher.closed:
+                outputs = await model.lane.try_run(request.inputs, samples)
             if outputs is None:
                 outputs = await model.batcher.submit(
                     request.inputs,
