@@ -482,14 +482,9 @@ class RequestTracer:
         `span_line` of each of `_request_spans(record)` (a test compares the two); this
         one costs a quarter as much.
         """
-        (
-            _, handle, method, model, version, lane, samples, request_id, status,
-            start_ns, _, _, _, end_ns,
-        ) = record  # fmt: skip
+        (_, handle, method, _, _, _, _, _, status, start_ns, _, _, _, end_ns) = record
         offset = self._offset_ns
-        _, attributes_json = self._server_attributes(
-            method, model, version, lane, samples, status, request_id
-        )
+        _, attributes_json = self._server_attributes(record)
         trace = f"{handle.trace_id:032x}"
         span = f"{handle.span_id:016x}"
         parent = f'"{handle.parent_span_id:016x}"' if handle.parent_span_id else "null"
@@ -510,14 +505,9 @@ class RequestTracer:
 
     def _request_spans(self, record: _RequestRecord) -> tuple[SpanData, list[SpanData] | None]:
         """A request's server span, and its children when it is sampled."""
-        (
-            _, handle, method, model, version, lane, samples, request_id, status,
-            start_ns, _, _, _, end_ns,
-        ) = record  # fmt: skip
+        (_, handle, method, _, _, _, _, _, status, start_ns, _, _, _, end_ns) = record
         offset = self._offset_ns
-        attributes, attributes_json = self._server_attributes(
-            method, model, version, lane, samples, status, request_id
-        )
+        attributes, attributes_json = self._server_attributes(record)
         trace_id, span_id = handle.trace_id, handle.span_id
         server = SpanData(
             method, trace_id, span_id, handle.parent_span_id, bool(handle.parent_span_id),
@@ -561,14 +551,13 @@ class RequestTracer:
             phases.append((S.ENCODE, encode_start_ns, end_ns, False, _NO_ATTRIBUTES, "{}"))
         return phases
 
-    def _server_attributes(
-        self, method: str, model: str, version: str, lane: str, samples: int, status: str,
-        request_id: str,
-    ) -> tuple[dict[str, str | int], str]:  # fmt: skip
-        """A server span's attributes and their JSON, cached: most requests share them.
+    def _server_attributes(self, record: _RequestRecord) -> tuple[dict[str, str | int], str]:
+        """A request's server-span attributes and their JSON, cached: most requests share
+        them.
 
         NOTE: cached dicts are shared by many spans; nothing may modify them.
         """
+        (_, _, method, model, version, lane, samples, request_id, status, *_) = record
         key = (method, model, version, lane, samples, status)
         cache = self._attribute_cache
         hit = cache.get(key)
