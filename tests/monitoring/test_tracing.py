@@ -266,7 +266,7 @@ def test_a_request_dropped_in_the_queue_gets_a_queue_span_until_it_ended() -> No
     assert S.ENCODE not in {s.name for s in exporter.spans}
 
 
-@pytest.mark.parametrize(
+FAST_PATH_CASES = pytest.mark.parametrize(
     ("lane", "status", "timing", "parent"),
     [
         (
@@ -289,6 +289,10 @@ def test_a_request_dropped_in_the_queue_gets_a_queue_span_until_it_ended() -> No
         ("", "INTERNAL", None, False),
     ],
 )
+"""Requests of each lane and outcome, for the fast paths that skip `SpanData`."""
+
+
+@FAST_PATH_CASES
 def test_the_files_fast_path_writes_what_span_line_writes(
     lane: str, status: str, timing: RequestTiming | None, parent: bool
 ) -> None:
@@ -359,3 +363,85 @@ def test_otlp_encoding_matches_the_sdks_encoder() -> None:
     mine = sorted(map(_span_fields, ours.resource_spans[0].scope_spans[0].spans))
     theirs = sorted(map(_span_fields, sdk.resource_spans[0].scope_spans[0].spans))
     assert len(mine) == len(spans) == 10 and mine == theirs
+
+
+@FAST_PATH_CASES
+@pytest.mark.parametrize("request_id", ["req-7", ""])
+def test_the_otlp_fast_path_encodes_what_the_span_encoder_encodes(
+    lane: str, status: str, timing: RequestTiming | None, parent: bool, request_id: str
+) -> None:
+    from monitoring.tracing import _span_bytes
+
+    tracer = RequestTracer(
+        TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
+    )  # (the exporter is not used: both encodings are built here)
+    try:
+        metadata = [("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")] if parent else None
+        handle = tracer.begin(metadata)
+        encode = 1_900 if status == "OK" else 0
+        method = "inference.GRPCInferenceService/ModelInfer"
+        tracer.end_request(handle, method, "digits", "1", lane, 2, request_id, status,
+                           1_000, 1_100, timing, encode, 2_000)  # fmt: skip
+        record = tracer._records.popleft()
+        random.seed(7)
+        fast = tracer._request_otlp(record)  # type: ignore[arg-type]
+        random.seed(7)
+        server, children = tracer._request_spans(record)  # type: ignore[arg-type]
+        assert children is not None
+    finally:
+        tracer.shutdown()
+    assert fast == [_span_bytes(span) for span in (server, *children)]
+
+
+def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from monitoring import tracing
+    from monitoring.tracing import OtlpPayloadExporter
+
+    class Payloads(OtlpPayloadExporter):
+        def __init__(self) -> None:
+            self.payloads: list[tuple[bytes, int]] = []
+
+        def export_payload(self, payload: bytes, spans: int) -> SpanExportResult:
+            self.payloads.append((payload, spans))
+            return SpanExportResult.SUCCESS
+
+    monkeypatch.setattr(tracing, "OTLP_PAYLOAD_BYTES", 4096)
+    exporter = Payloads()
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=exporter)
+    try:
+        handles = [tracer.begin(None) for _ in range(100)]
+        for handle in handles:
+            finish(tracer, handle)  # 4 spans each: server, decode, queue, encode
+        batch = ExecutedBatch(
+            name="digits/1", inputs={}, outputs=None, samples=4, padded_samples=4,
+            member_samples=[2, 2], traces=[handles[0].link, handles[1].link], start_ns=1_500,
+            end_ns=1_800, error=None,
+        )  # fmt: skip
+        tracer.record_batch("digits", "1", batch)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    assert len(exporter.payloads) > 1
+    requests = [ExportTraceServiceRequest.FromString(p) for p, _ in exporter.payloads]
+    spans = [s for r in requests for s in r.resource_spans[0].scope_spans[0].spans]
+    assert [n for _, n in exporter.payloads] == [
+        len(r.resource_spans[0].scope_spans[0].spans) for r in requests
+    ]
+    assert all(len(p) < 4096 + 2048 for p, _ in exporter.payloads)
+    assert len(spans) == 100 * 4 + 2 and tracer.exported_spans == len(spans)
+    resources = [
+        {kv.key: kv.value.string_value for kv in r.resource_spans[0].resource.attributes}
+        for r in requests
+    ]
+    assert all(r == resources[0] for r in resources) and resources[0]["service.name"]
+    servers = {s.span_id for s in spans if s.kind == s.SPAN_KIND_SERVER}
+    assert servers == {h.span_id.to_bytes(8, "big") for h in handles}
+    (batch_span,) = [s for s in spans if s.name == S.BATCH]
+    assert {link.span_id for link in batch_span.links} == {
+        handles[0].span_id.to_bytes(8, "big"),
+        handles[1].span_id.to_bytes(8, "big"),
+    }
