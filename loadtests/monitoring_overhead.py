@@ -4,7 +4,8 @@
         [--only SETTING ...]
 
 Serves a fresh `mlp64` repository (with a drift block and a reference profile, so drift
-runs too) once per setting and round, and drives it with perf_analyzer:
+runs too) once per setting and round, and drives it with perf_analyzer, which sends 256
+inputs drawn from the reference distribution in turn (so drift raises no alert):
 
 - `off`: `--no-monitoring` (the baseline: no metrics, SLO, drift or tracing);
 - `metrics+slo+drift`: the default (tracing off);
@@ -39,8 +40,15 @@ from trainer.mlp64 import create_mlp64
 TARGETS = {"metrics+slo+drift": 0.98, "tracing 100% file": 0.90, "tracing 100% otlp": 0.90}
 
 
-def mlp64_with_drift(repository: Path) -> None:
-    """Write mlp64 plus a reference profile of perf_analyzer-like inputs and a drift block."""
+#: Distinct requests perf_analyzer cycles through (drawn from the reference distribution).
+INPUT_ROWS = 256
+
+
+def mlp64_with_drift(repository: Path, input_data: Path) -> None:
+    """Write mlp64 with a drift block and a reference profile (inputs uniform in [0, 1)),
+    and perf_analyzer input data drawn from the same distribution, so that drift is
+    computed on in-distribution traffic and raises no alert (perf_analyzer's own random
+    data is one tensor, generated once and sent with every request)."""
     from monitoring.drift import build_profile, write_profile
 
     version_dir = create_mlp64(repository)
@@ -48,10 +56,12 @@ def mlp64_with_drift(repository: Path) -> None:
     config = load_model_config(model_dir)
     config = config.model_copy(update={"drift": DriftConfig()})
     write_model_config(model_dir, config)
-    # perf_analyzer's random data: uniform in [0, 1).
     rng = np.random.default_rng(0)
-    inputs = rng.random((5000, 64), dtype=np.float32)
-    write_profile(build_profile({"INPUT": inputs}, None), version_dir)
+    write_profile(build_profile({"INPUT": rng.random((5000, 64), dtype=np.float32)}, None),
+                  version_dir)  # fmt: skip
+    rows = rng.random((INPUT_ROWS, 64), dtype=np.float32)
+    steps = [{"INPUT": {"content": row.tolist(), "shape": [64]}} for row in rows]
+    input_data.write_text(json.dumps({"data": steps}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="batchwire-overhead-"))
     repository = work / "repo"
-    mlp64_with_drift(repository)
+    input_data = work / "inputs.json"
+    mlp64_with_drift(repository, input_data)
     sink = None
     settings: dict[str, list[str]] = {
         "off": ["--no-monitoring"],
@@ -102,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc, address, _ = launch_server(repository, *extra)
                 try:
                     result = run_perf_analyzer(
-                        args.tool, address, args.concurrency, args.interval_ms, model="mlp64"
-                    )
+                        args.tool, address, args.concurrency, args.interval_ms, model="mlp64",
+                        input_data=input_data,
+                    )  # fmt: skip
                 except RuntimeError as exc:  # perf_analyzer: "failed to obtain stable ..."
                     unstable[name] += 1
                     print(f"round {round_ + 1} {name:>20}: no stable measurement ({exc})"[:200],

@@ -42,12 +42,19 @@ def perf_analyzer_command(
     *,
     model: str,
     batch_size: int = 1,
+    input_data: Path | None = None,
 ) -> list[str]:
-    """perf_analyzer's command line for one measurement of `model` at one concurrency."""
+    """perf_analyzer's command line for one measurement of `model` at one concurrency.
+
+    `input_data`: a JSON file of request inputs (`--input-data`); None = perf_analyzer's
+    default, one random tensor per input generated once and sent with every request.
+    """
     return [
         str(tool), "-m", model, "-i", "grpc", "-u", address, "-b", str(batch_size),
         "--concurrency-range", str(concurrency), "-s", "50", "--percentile", "99",
-        "-p", str(interval_ms), "-f", str(report),
+        "-p", str(interval_ms),
+        *(["--input-data", str(input_data)] if input_data is not None else []),
+        "-f", str(report),
     ]  # fmt: skip
 
 
@@ -86,13 +93,15 @@ def run_perf_analyzer(
     *,
     model: str,
     batch_size: int = 1,
+    input_data: Path | None = None,
 ) -> dict[str, Any]:
     """One bounded perf_analyzer measurement; raises RuntimeError when it fails."""
     with tempfile.TemporaryDirectory(prefix="perf-analyzer-") as tmp:
         report = Path(tmp) / "report.csv"
         cmd = perf_analyzer_command(
-            tool, address, concurrency, interval_ms, report, model=model, batch_size=batch_size
-        )
+            tool, address, concurrency, interval_ms, report, model=model,
+            batch_size=batch_size, input_data=input_data,
+        )  # fmt: skip
         # Other work on this shared box shows here (2 cores: above ~2 means contention).
         load_avg_1m = os.getloadavg()[0]
         started = time.monotonic()

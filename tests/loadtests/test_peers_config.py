@@ -190,6 +190,11 @@ def test_perf_analyzer_command_has_the_agreed_flags() -> None:
         "pa -m mlp64 -i grpc -u 127.0.0.1:1 -b 1 --concurrency-range 32 -s 50 --percentile 99"
         " -p 3000 -f r.csv"
     )
+    with_data = perf_analyzer.perf_analyzer_command(
+        Path("pa"), "127.0.0.1:1", 32, 3000, Path("r.csv"), model="mlp64",
+        input_data=Path("in.json"),
+    )  # fmt: skip
+    assert with_data == cmd[:-2] + ["--input-data", "in.json", "-f", "r.csv"]
 
 
 WITH_SERVER_STATS = (
