@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 
@@ -24,6 +24,10 @@ from server.runtime import ModelVersion
 
 #: The response parameter naming the lane (as `ModelRuntime.run` sets it).
 LANE_PARAMETER: Final = "batchwire_lane"
+#: Response templates kept per fast path (one per sample count seen).
+_MAX_TEMPLATES: Final = 64
+_OutputSpec = tuple[str, np.dtype[Any], tuple[int, ...]]
+"""An output tensor's name, datatype and shape."""
 
 
 class InlinePath:
@@ -39,7 +43,9 @@ class InlinePath:
         model: a version whose CPU lane is inline (see `of`).
     """
 
-    __slots__ = ("model", "_lane", "_inputs", "_outputs", "_max_samples", "_template")
+    __slots__ = (
+        "model", "_lane", "_inputs", "_outputs", "_max_samples", "_template", "_answers",
+    )  # fmt: skip
 
     def __init__(self, model: ModelVersion) -> None:
         lane = model.lane
@@ -57,6 +63,9 @@ class InlinePath:
             model_name=model.config.name, model_version=str(model.version)
         )
         self._template.parameters[LANE_PARAMETER].string_param = "cpu"
+        self._answers: dict[int, tuple[pb.ModelInferResponse, tuple[_OutputSpec, ...]]] = {}
+        """Samples -> the template plus the output tensors' metadata that every output of
+        that many samples had so far, and that metadata (to check the next outputs)."""
 
     @classmethod
     def of(cls, model: ModelVersion) -> InlinePath | None:
@@ -139,10 +148,46 @@ class InlinePath:
             timing.compute_end_ns = end_ns
             timing.batch_samples = samples
             timing.batch_requests = 1
+        if requested is None:
+            return self._answer(request.id, outputs, samples)
         out = pb.ModelInferResponse()
         out.CopyFrom(self._template)  # NOTE: half the cost of setting the fields one by one
         out.id = request.id
-        append_outputs(
-            out, outputs if requested is None else {name: outputs[name] for name in requested}
-        )
+        append_outputs(out, {name: outputs[name] for name in requested})
+        return out
+
+    def _answer(
+        self, request_id: str, outputs: dict[str, np.ndarray], samples: int
+    ) -> pb.ModelInferResponse:
+        """The response carrying every output. The outputs' metadata comes from a template
+        per sample count (`append_outputs` costs 1.5 µs more), used while the engine's
+        outputs keep the names, datatypes and shapes it was made from."""
+        cached = self._answers.get(samples)
+        if cached is not None:
+            template, specs = cached
+            if len(specs) == len(outputs) and all(
+                name == spec[0] and array.dtype == spec[1] and array.shape == spec[2]
+                for spec, (name, array) in zip(specs, outputs.items(), strict=True)
+            ):
+                out = pb.ModelInferResponse()
+                out.CopyFrom(template)
+                out.id = request_id
+                out.raw_output_contents.extend([array.tobytes() for array in outputs.values()])
+                return out
+        out = pb.ModelInferResponse()
+        out.CopyFrom(self._template)
+        out.id = request_id
+        append_outputs(out, outputs)
+        # NOTE: BYTES outputs (object arrays) are serialized element by element: no template.
+        if all(array.dtype != object for array in outputs.values()):
+            template = pb.ModelInferResponse()
+            template.CopyFrom(out)
+            template.ClearField("id")
+            template.ClearField("raw_output_contents")
+            if len(self._answers) >= _MAX_TEMPLATES:
+                self._answers.clear()
+            self._answers[samples] = (
+                template,
+                tuple((name, array.dtype, array.shape) for name, array in outputs.items()),
+            )
         return out

@@ -180,6 +180,37 @@ async def test_the_observer_sees_lane_requests_and_engine_failures_are_counted(
     assert model.stats.fail.count == 1 and model.stats.failures == {"INTERNAL": 1}
 
 
+class ReshapingEngine:
+    """Answers with another datatype and a renamed output: what a template cannot cover."""
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = inputs["INPUT"]
+        return {"OUTPUT": np.zeros((len(x), 3), np.float64)}
+
+
+@pytest.mark.asyncio
+async def test_response_templates_give_each_request_its_own_outputs(
+    runtime: ModelRuntime,
+) -> None:
+    model = runtime.get("mlp64")
+    path = InlinePath.of(model)
+    assert path is not None and model.lane is not None
+    rng = np.random.default_rng(1)
+    # The second request of a size reuses the first's template; sizes have their own.
+    for rows in (1, 1, 2, 1, 2):
+        x = rng.standard_normal((rows, 64)).astype(np.float32)
+        message = request(x, id=f"r{rows}-{rng.integers(1000)}")
+        fast = path.infer(message)
+        assert fast is not None and fast == await general(runtime, message)
+        assert len(fast.raw_output_contents) == 1 and fast.id == message.id
+    # An engine whose outputs no longer match a template gets metadata built afresh.
+    model.lane.engines[0] = ReshapingEngine()  # type: ignore[call-overload]
+    answer = path.infer(request(np.ones((1, 64), np.float32)))
+    assert answer is not None
+    assert [(o.datatype, list(o.shape)) for o in answer.outputs] == [("FP64", [1, 3])]
+    assert answer.raw_output_contents[0] == np.zeros((1, 3), np.float64).tobytes()
+
+
 class Context:
     """The parts of a grpc.aio ServicerContext that ModelInfer reads."""
 
