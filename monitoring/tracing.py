@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final, NamedTuple, cast
@@ -467,19 +467,16 @@ class RequestTracer:
     def _ship_lines(self, exporter: JsonLinesSpanExporter) -> None:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
         straight to text (`_request_lines`), with no `SpanData` in between."""
-        records = self._records
         resource_json = self._resource_json
         chunks: list[str] = []
         spans = 0
-        for _ in range(len(records)):
-            record = records.popleft()
+        for record in self._drain():
             if record[0] == _REQUEST:
-                request = cast(_RequestRecord, record)
-                self._feed_fast_processors(request)
-                if request[1].sampled:
-                    text, count = self._request_lines(request, "{}" if chunks else resource_json)
-                    chunks.append(text)
-                    spans += count
+                text, count = self._request_lines(
+                    cast(_RequestRecord, record), "{}" if chunks else resource_json
+                )
+                chunks.append(text)
+                spans += count
             else:
                 batch = self._batch_spans(record)
                 chunks.append(span_line(batch[0], "{}" if chunks else resource_json))
@@ -492,20 +489,14 @@ class RequestTracer:
     def _ship_otlp(self, exporter: OtlpPayloadExporter) -> None:
         """`_ship` for OTLP with no SDK processor: request records go straight to encoded
         spans (`_request_otlp`), sent in payloads of at most about `OTLP_PAYLOAD_BYTES`."""
-        records = self._records
         head = self._otlp_head
         if head is None:
             head = self._otlp_head = otlp_head(self.resource, self.scope)
         entries: list[bytes] = []
         size = 0
-        for _ in range(len(records)):
-            record = records.popleft()
+        for record in self._drain():
             if record[0] == _REQUEST:
-                request = cast(_RequestRecord, record)
-                self._feed_fast_processors(request)
-                if not request[1].sampled:
-                    continue
-                encoded = self._request_otlp(request)
+                encoded = self._request_otlp(cast(_RequestRecord, record))
             else:
                 encoded = list(map(_span_bytes, self._batch_spans(record)))
             entries += encoded
@@ -519,6 +510,20 @@ class RequestTracer:
             self._count_export(
                 exporter.export_payload(otlp_payload(head, entries), len(entries)), len(entries)
             )
+
+    def _drain(self) -> Iterator[tuple[object, ...]]:
+        """Take every record recorded so far: each request reaches the fast processors;
+        the sampled requests and the batches are yielded, in order (the fast paths)."""
+        records = self._records
+        for _ in range(len(records)):
+            record = records.popleft()
+            if record[0] == _REQUEST:
+                request = cast(_RequestRecord, record)
+                self._feed_fast_processors(request)
+                if request[1].sampled:
+                    yield request
+            else:
+                yield record
 
     def _feed_fast_processors(self, record: _RequestRecord) -> None:
         """Every request, sampled or not, reaches the fast processors (the SLO monitor's)

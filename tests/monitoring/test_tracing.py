@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -292,6 +293,20 @@ FAST_PATH_CASES = pytest.mark.parametrize(
 """Requests of each lane and outcome, for the fast paths that skip `SpanData`."""
 
 
+def one_record(
+    tracer: RequestTracer, lane: str, status: str, timing: RequestTiming | None, parent: bool,
+    request_id: str = "req-7",
+) -> Any:  # fmt: skip
+    """Record one finished request (a FAST_PATH_CASES case) and take its record back."""
+    metadata = [("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")] if parent else None
+    handle = tracer.begin(metadata)
+    encode = 1_900 if status == "OK" else 0
+    method = "inference.GRPCInferenceService/ModelInfer"
+    tracer.end_request(handle, method, "digits", "1", lane, 2, request_id, status,
+                       1_000, 1_100, timing, encode, 2_000)  # fmt: skip
+    return tracer._records.popleft()
+
+
 @FAST_PATH_CASES
 def test_the_files_fast_path_writes_what_span_line_writes(
     lane: str, status: str, timing: RequestTiming | None, parent: bool
@@ -300,15 +315,9 @@ def test_the_files_fast_path_writes_what_span_line_writes(
         TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
     )  # (the exporter is not used: both texts are built here)
     try:
-        metadata = [("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")] if parent else None
-        handle = tracer.begin(metadata)
-        encode = 1_900 if status == "OK" else 0
-        method = "inference.GRPCInferenceService/ModelInfer"
-        tracer.end_request(handle, method, "digits", "1", lane, 2, "req-7", status,
-                           1_000, 1_100, timing, encode, 2_000)  # fmt: skip
-        record = tracer._records.popleft()
+        record = one_record(tracer, lane, status, timing, parent)
         random.seed(7)
-        fast, count = tracer._request_lines(record, '{"service.name":"x"}')  # type: ignore[arg-type]
+        fast, count = tracer._request_lines(record, '{"service.name":"x"}')
         random.seed(7)
         server, children = tracer._request_spans(record)
         assert children is not None
@@ -376,17 +385,11 @@ def test_the_otlp_fast_path_encodes_what_the_span_encoder_encodes(
         TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
     )  # (the exporter is not used: both encodings are built here)
     try:
-        metadata = [("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")] if parent else None
-        handle = tracer.begin(metadata)
-        encode = 1_900 if status == "OK" else 0
-        method = "inference.GRPCInferenceService/ModelInfer"
-        tracer.end_request(handle, method, "digits", "1", lane, 2, request_id, status,
-                           1_000, 1_100, timing, encode, 2_000)  # fmt: skip
-        record = tracer._records.popleft()
+        record = one_record(tracer, lane, status, timing, parent, request_id)
         random.seed(7)
-        fast = tracer._request_otlp(record)  # type: ignore[arg-type]
+        fast = tracer._request_otlp(record)
         random.seed(7)
-        server, children = tracer._request_spans(record)  # type: ignore[arg-type]
+        server, children = tracer._request_spans(record)
         assert children is not None
     finally:
         tracer.shutdown()

@@ -15,7 +15,7 @@ from batchwire.errors import ErrorCode, InferenceError
 from protos import grpc_service_pb2 as pb
 from server.codec import decode_request, encode_response
 from server.inline import InlinePath
-from server.runtime import ModelRuntime
+from server.runtime import ModelRuntime, ModelVersion
 from trainer.mlp64 import CPU_LANE_MAX_SAMPLES, create_mlp64
 
 
@@ -39,6 +39,14 @@ def request(x: np.ndarray, **fields: object) -> pb.ModelInferRequest:
     return out
 
 
+def fast_path(runtime: ModelRuntime) -> tuple[ModelVersion, InlinePath]:
+    """mlp64's version and its fast path."""
+    model = runtime.get("mlp64")
+    path = InlinePath.of(model)
+    assert path is not None and model.lane is not None
+    return model, path
+
+
 async def general(runtime: ModelRuntime, message: pb.ModelInferRequest) -> pb.ModelInferResponse:
     decoded = decode_request(message, None)
     return encode_response(await runtime.infer(message.model_name, "", decoded))
@@ -48,9 +56,7 @@ async def general(runtime: ModelRuntime, message: pb.ModelInferRequest) -> pb.Mo
 async def test_a_valid_request_gets_the_general_paths_answer_and_counts(
     runtime: ModelRuntime,
 ) -> None:
-    model = runtime.get("mlp64")
-    path = InlinePath.of(model)
-    assert path is not None
+    model, path = fast_path(runtime)
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     fast = path.infer(request(x))
     assert fast is not None
@@ -164,11 +170,9 @@ class FailingEngine:
 async def test_the_observer_sees_lane_requests_and_engine_failures_are_counted(
     runtime: ModelRuntime,
 ) -> None:
-    model = runtime.get("mlp64")
+    model, path = fast_path(runtime)
     recorder = LaneRecorder()
     model.observer = recorder  # drift monitoring watches CPU-lane requests through this
-    path = InlinePath.of(model)
-    assert path is not None and model.lane is not None
     x = np.full((2, 64), 0.5, np.float32)
     answer = path.infer(request(x))
     assert answer is not None and len(recorder.seen) == 1
@@ -192,9 +196,7 @@ class ReshapingEngine:
 async def test_response_templates_give_each_request_its_own_outputs(
     runtime: ModelRuntime,
 ) -> None:
-    model = runtime.get("mlp64")
-    path = InlinePath.of(model)
-    assert path is not None and model.lane is not None
+    model, path = fast_path(runtime)
     rng = np.random.default_rng(1)
     # The second request of a size reuses the first's template; sizes have their own.
     for rows in (1, 1, 2, 1, 2):
