@@ -1061,6 +1061,8 @@ def build_exporter(settings: TracingSettings) -> SpanExporter:
                 return int(data[1])
 
         class _RawTraceStub:
+            """TraceService's stub with no request serializer: `Export` takes bytes."""
+
             def __init__(self, channel: Any) -> None:
                 self.Export = channel.unary_unary(
                     "/opentelemetry.proto.collector.trace.v1.TraceService/Export",

@@ -64,8 +64,8 @@ class InlinePath:
         )
         self._template.parameters[LANE_PARAMETER].string_param = "cpu"
         self._answers: dict[int, tuple[pb.ModelInferResponse, tuple[_OutputSpec, ...]]] = {}
-        """Samples -> the template plus the output tensors' metadata that every output of
-        that many samples had so far, and that metadata (to check the next outputs)."""
+        """Samples -> a response template holding the output tensors' metadata (no id, no
+        contents), and that metadata as (name, dtype, shape) to check each answer against."""
 
     @classmethod
     def of(cls, model: ModelVersion) -> InlinePath | None:
