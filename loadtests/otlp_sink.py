@@ -9,7 +9,6 @@ Used by the tracing tests (to check what arrives) and by the monitoring-overhead
 from __future__ import annotations
 
 import argparse
-import itertools
 import threading
 import time
 from concurrent import futures
@@ -38,13 +37,12 @@ def _attributes(items: Any) -> dict[str, Any]:
 @dataclass
 class _Store:
     spans: list[dict[str, Any]] = field(default_factory=list)
+    """The spans received, flattened (kept only when `keep`)."""
+    counted: int = 0
+    """Spans received."""
     requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     keep: bool = True
-
-
-#: What a count-only sink keeps per span (one shared, empty placeholder).
-_COUNTED: dict[str, Any] = {}
 
 
 class _TraceService(ts_grpc.TraceServiceServicer):
@@ -60,7 +58,7 @@ class _TraceService(ts_grpc.TraceServiceServicer):
             count = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
             with self.store.lock:
                 self.store.requests += 1
-                self.store.spans.extend(itertools.repeat(_COUNTED, count))
+                self.store.counted += count
             return ts.ExportTraceServiceResponse()
         flat = []
         for resource_spans in request.resource_spans:
@@ -92,6 +90,7 @@ class _TraceService(ts_grpc.TraceServiceServicer):
                     )
         with self.store.lock:
             self.store.requests += 1
+            self.store.counted += len(flat)
             self.store.spans.extend(flat)
         return ts.ExportTraceServiceResponse()
 
@@ -124,7 +123,7 @@ class OtlpSink:
     def count(self) -> int:
         """Spans received so far."""
         with self._store.lock:
-            return len(self._store.spans)
+            return self._store.counted
 
     def wait_for(self, predicate: Any, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """Poll until `predicate(spans)` holds; returns the spans (raises on timeout)."""

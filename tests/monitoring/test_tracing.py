@@ -341,8 +341,11 @@ def _span_fields(span: object) -> tuple[object, ...]:
 
 def test_otlp_encoding_matches_the_sdks_encoder() -> None:
     from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
 
-    from monitoring.tracing import encode_otlp, readable_span
+    from monitoring.tracing import _span_bytes, otlp_head, otlp_payload, readable_span
 
     tracer, _, _ = make_tracer()
     try:
@@ -356,14 +359,17 @@ def test_otlp_encoding_matches_the_sdks_encoder() -> None:
         for record in records:
             server, children = tracer._request_spans(record)
             spans += [server, *(children or [])]
-        batch = ExecutedBatch(  # a batch span with links, through the message API
+        batch = ExecutedBatch(  # a batch span with links
             name="digits/1", inputs={}, outputs=None, samples=4, padded_samples=4,
             member_samples=[2, 2], traces=[parent.link, (5, 6)], start_ns=1_500, end_ns=1_800,
             error=None,
         )  # fmt: skip
         tracer.record_batch("digits", "1", batch)
         spans += tracer._batch_spans(tracer._records[-1])
-        ours = encode_otlp(spans, tracer.resource, tracer.scope)
+        payload = otlp_payload(
+            otlp_head(tracer.resource, tracer.scope), list(map(_span_bytes, spans))
+        )
+        ours = ExportTraceServiceRequest.FromString(payload)  # what the OTLP exporter sends
         sdk = encode_spans([readable_span(s, tracer.resource, tracer.scope) for s in spans])
     finally:
         tracer._records.clear()
