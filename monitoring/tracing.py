@@ -271,6 +271,48 @@ _NO_ATTRIBUTES: Final[dict[str, str | int]] = {}
 """The attributes of decode, queue and encode spans (shared: nothing may modify it)."""
 
 
+# A request's shape (`_phase_times`): which child spans it has, as bits, and on the CPU
+# lane its batch size (the engine span's attribute) above them.
+_DECODED: Final = 1
+_QUEUED: Final = 2
+_QUEUE_LEFT: Final = 4
+"""Queued but never reached an engine: the queue span ends with the request, as an error."""
+_ENGINE: Final = 8
+_ENCODED: Final = 16
+_SAMPLES_SHIFT: Final = 5
+
+
+def _phase_times(record: _RequestRecord) -> tuple[int, list[int]]:
+    """A sampled request's shape (the `_DECODED`... bits) and its child spans' times
+    (start, end, start, end... monotonic ns), in order: decode, then queue (batched lane)
+    or engine (CPU lane), then encode; each only if that phase happened."""
+    (_, _, _, _, _, lane, _, _, _, start_ns, decoded_ns, timing, encode_start_ns, end_ns) = record
+    shape = 0
+    times: list[int] = []
+    if decoded_ns:
+        shape = _DECODED
+        times += (start_ns, decoded_ns)
+    if timing is not None:
+        queued_ns = timing.queued_ns
+        if queued_ns:
+            # NOTE: a request that never reached an engine (its deadline passed in the
+            # queue, or its caller left) waited until the request ended: an error span.
+            left = timing.compute_start_ns
+            if left:
+                shape |= _QUEUED
+                times += (queued_ns, left)
+            else:
+                shape |= _QUEUE_LEFT
+                times += (queued_ns, end_ns)
+        elif timing.compute_start_ns and lane == "cpu":
+            shape |= _ENGINE | timing.batch_samples << _SAMPLES_SHIFT
+            times += (timing.compute_start_ns, timing.compute_end_ns)
+    if encode_start_ns:
+        shape |= _ENCODED
+        times += (encode_start_ns, end_ns)
+    return shape, times
+
+
 def monotonic_to_epoch_offset_ns() -> int:
     """`time.time_ns() - time.monotonic_ns()`, read back to back (converts span times)."""
     return time.time_ns() - time.monotonic_ns()
@@ -301,6 +343,8 @@ class RequestTracer:
         self.processors = list(processors)
         self._attribute_cache: dict[tuple[object, ...], tuple[dict[str, str | int], str]] = {}
         self._lane_engine_cache: dict[int, tuple[dict[str, str | int], str]] = {}
+        self._line_layouts: dict[tuple[object, ...], tuple[str, int]] = {}
+        self._otlp_layouts: dict[tuple[object, ...], _OtlpLayout] = {}
         self._fast_processors = [p for p in self.processors if isinstance(p, RequestSpanProcessor)]
         self._generic_processors = [
             p for p in self.processors if not isinstance(p, RequestSpanProcessor)
@@ -493,24 +537,24 @@ class RequestTracer:
         if head is None:
             head = self._otlp_head = otlp_head(self.resource, self.scope)
         entries: list[bytes] = []
-        size = 0
+        size = spans = 0
 
         def send() -> None:
-            self._count_export(
-                exporter.export_payload(otlp_payload(head, entries), len(entries)), len(entries)
-            )
+            self._count_export(exporter.export_payload(otlp_payload(head, entries), spans), spans)
 
         for record in self._drain():
             if record[0] == _REQUEST:
-                encoded = self._request_otlp(cast(_RequestRecord, record))
+                encoded, count = self._request_otlp(cast(_RequestRecord, record))
             else:
-                encoded = list(map(_span_bytes, self._batch_spans(record)))
-            entries += encoded
-            size += sum(map(len, encoded))
+                batch = self._batch_spans(record)
+                encoded, count = b"".join(map(_span_bytes, batch)), len(batch)
+            entries.append(encoded)
+            size += len(encoded)
+            spans += count
             if size >= OTLP_PAYLOAD_BYTES:
                 send()
                 entries.clear()
-                size = 0
+                size = spans = 0
         if entries:
             send()
 
@@ -543,65 +587,139 @@ class RequestTracer:
     def _request_lines(self, record: _RequestRecord, resource_json: str) -> tuple[str, int]:
         """A sampled request's spans as JSON lines (no final newline) and their count.
 
-        NOTE: the same spans, ids drawn in the same order and the same text as
-        `span_line` of each of `_request_spans(record)` (a test compares the two); this
-        one costs a quarter as much.
+        One `%` format per request: the text around the ids and times is a template
+        compiled once per request shape (`_line_layout`). NOTE: the same spans, ids drawn
+        in the same order and the same text as `span_line` of each of
+        `_request_spans(record)` (a test compares the two).
         """
-        (_, handle, method, _, _, _, _, _, status, start_ns, _, _, _, end_ns) = record
-        offset = self._offset_ns
-        _, attributes_json = self._server_attributes(record)
-        trace = f"{handle.trace_id:032x}"
-        span = f"{handle.span_id:016x}"
-        parent = f'"{handle.parent_span_id:016x}"' if handle.parent_span_id else "null"
-        lines = [
-            f'{{"trace_id":"{trace}","span_id":"{span}","parent_span_id":{parent},'
-            f'"name":{_name_json(method)},"kind":"SERVER","start_ns":{start_ns + offset},'
-            f'"end_ns":{end_ns + offset},'
-            f'"status":"{"ERROR" if status in SERVER_ERROR_CODES else "UNSET"}",'
-            f'"attributes":{attributes_json},"links":[],"resource":{resource_json}}}'
-        ]
-        bits = random.getrandbits
-        lines.extend(
-            _child_line(trace, bits(64), span, _name_json(name), start + offset, end + offset,
-                        error, attributes_json)
-            for name, start, end, error, _, attributes_json in self._child_phases(record)
-        )  # fmt: skip
-        return "\n".join(lines), len(lines)
-
-    def _request_otlp(self, record: _RequestRecord) -> list[bytes]:
-        """A sampled request's spans as encoded `ScopeSpans.spans` entries.
-
-        NOTE: the same spans, ids drawn in the same order, as `_span_bytes` of each of
-        `_request_spans(record)` (a test compares the two); this one costs a third as much.
-        """
-        (_, handle, method, _, _, _, _, request_id, status, start_ns, _, _, _, end_ns) = record
-        offset = self._offset_ns
-        trace = b"\x0a\x10" + handle.trace_id.to_bytes(16, "big")
-        span_id = handle.span_id
+        (_, handle, method, model, version, lane, samples, request_id, status, start_ns,
+         _, _, _, end_ns) = record  # fmt: skip
+        shape, times = _phase_times(record)
         parent_id = handle.parent_span_id
-        attributes = _otlp_attributes(*self._base_server_attributes(record))
+        key = (method, model, version, lane, samples, status, bool(parent_id),
+               bool(request_id), shape, resource_json)  # fmt: skip
+        layout = self._line_layouts.get(key)
+        if layout is None:
+            layout = self._line_layout(key, record, resource_json)
+        offset = self._offset_ns
+        trace = handle.trace_id.to_bytes(16, "big").hex()
+        span = handle.span_id.to_bytes(8, "big").hex()
+        values: list[object] = [trace, span]
+        if parent_id:
+            values.append(parent_id)
+        values += (start_ns + offset, end_ns + offset)
         if request_id:
-            attributes += _otlp_request_id(request_id)
-        entries = [
-            _span_entry(
-                trace, span_id,
-                b"\x22\x08" + parent_id.to_bytes(8, "big") if parent_id else b"",
-                _otlp_name(method), _KIND_SERVER, start_ns + offset, end_ns + offset,
-                attributes, b"", status in SERVER_ERROR_CODES,
-                _FLAGS_REMOTE_PARENT if parent_id else _FLAGS_LOCAL,
-            )
-        ]  # fmt: skip
-        parent = b"\x22\x08" + span_id.to_bytes(8, "big")
+            values.append(_dumps(request_id))
         bits = random.getrandbits
-        entries.extend(
-            _span_entry(
-                trace, bits(64), parent, _otlp_name(name), _KIND_INTERNAL, start + offset,
-                end + offset, _otlp_attributes(attrs, attrs_json) if attrs else b"", b"", error,
-                _FLAGS_LOCAL,
+        for i in range(0, len(times), 2):
+            values += (trace, bits(64), span, times[i] + offset, times[i + 1] + offset)
+        return layout[0] % tuple(values), layout[1]
+
+    def _line_layout(
+        self, key: tuple[object, ...], record: _RequestRecord, resource_json: str
+    ) -> tuple[str, int]:
+        """The `%` template of `_request_lines` for the shape of `record` (cached by
+        `key`): `span_line`'s layout with `%s` (the trace id and server span id in hex,
+        the request id's JSON), `%016x` (other span ids) and `%d` (times) in it."""
+        method, status, parent_id = record[2], record[8], record[1].parent_span_id
+        attributes_json = self._base_server_attributes(record)[1].replace("%", "%%")
+        if record[7]:  # the request id's JSON is a value: `%s`
+            attributes_json = f"{attributes_json[:-1]},{_REQUEST_ID_JSON}:%s}}"
+        lines = [
+            '{"trace_id":"%s","span_id":"%s","parent_span_id":'
+            + ('"%016x"' if parent_id else "null")
+            + f',"name":{_name_json(method).replace("%", "%%")},"kind":"SERVER",'
+            '"start_ns":%d,"end_ns":%d,'
+            f'"status":"{"ERROR" if status in SERVER_ERROR_CODES else "UNSET"}",'
+            f'"attributes":{attributes_json},"links":[],'
+            f'"resource":{resource_json.replace("%", "%%")}}}'
+        ]
+        for name, error, _, phase_json in self._phases(_phase_times(record)[0]):
+            lines.append(
+                '{"trace_id":"%s","span_id":"%016x","parent_span_id":"%s",'
+                f'"name":{_name_json(name).replace("%", "%%")},"kind":"INTERNAL",'
+                '"start_ns":%d,"end_ns":%d,'
+                f'"status":"{"ERROR" if error else "UNSET"}",'
+                f'"attributes":{phase_json.replace("%", "%%")},"links":[],"resource":{{}}}}'
             )
-            for name, start, end, error, attrs, attrs_json in self._child_phases(record)
-        )  # fmt: skip
-        return entries
+        layouts = self._line_layouts
+        if len(layouts) >= _ATTRIBUTE_CACHE_SIZE:
+            layouts.clear()
+        layout = layouts[key] = ("\n".join(lines), len(lines))
+        return layout
+
+    def _request_otlp(self, record: _RequestRecord) -> tuple[bytes, int]:
+        """A sampled request's spans as encoded `ScopeSpans.spans` entries (one bytes
+        object) and their count.
+
+        One `struct` pack per request: the bytes around the ids, times and request id are
+        compiled once per request shape (`_otlp_layout`). NOTE: the same spans, ids drawn
+        in the same order, as `_span_bytes` of each of `_request_spans(record)` (a test
+        compares the two).
+        """
+        (_, handle, method, model, version, lane, samples, request_id, status, start_ns,
+         _, _, _, end_ns) = record  # fmt: skip
+        shape, times = _phase_times(record)
+        parent_id = handle.parent_span_id
+        raw_id = request_id.encode() if request_id else b""
+        key = (method, model, version, lane, samples, status, bool(parent_id), len(raw_id),
+               shape)  # fmt: skip
+        layout = self._otlp_layouts.get(key)
+        if layout is None:
+            layout = self._otlp_layout(key, record)
+        offset = self._offset_ns
+        trace = handle.trace_id.to_bytes(16, "big")
+        span = handle.span_id.to_bytes(8, "big")
+        values: list[object] = [trace, span]
+        if parent_id:
+            values.append(parent_id.to_bytes(8, "big"))
+        values += (start_ns + offset, end_ns + offset)
+        if raw_id:
+            values.append(raw_id)
+        bits = random.getrandbits
+        for i in range(0, len(times), 2):
+            values += (trace, bits(64).to_bytes(8, "big"), span, times[i] + offset,
+                       times[i + 1] + offset)  # fmt: skip
+        args = layout.constants.copy()
+        args[1::2] = values
+        return layout.pack(*args), layout.spans
+
+    def _otlp_layout(self, key: tuple[object, ...], record: _RequestRecord) -> _OtlpLayout:
+        """The `struct` layout of `_request_otlp` for the shape of `record` (cached by
+        `key`): `_span_entry`'s fields, constant except ids, times and the request id."""
+        method, request_id, status = record[2], record[7], record[8]
+        parent = record[1].parent_span_id
+        attributes = _otlp_attributes(*self._base_server_attributes(record))
+        parent_field: list[bytes | str] = [b"\x22\x08", "8s"] if parent else []
+        request_id_field: list[bytes | str] = []
+        if request_id:
+            raw = request_id.encode()
+            attributes += _otlp_request_id(request_id)[: -len(raw)]
+            request_id_field = [f"{len(raw)}s"]
+        spans: list[list[bytes | str]] = [
+            [
+                b"\x0a\x10", "16s", b"\x12\x08", "8s",
+                *parent_field,
+                _otlp_name(method) + _KIND_SERVER + b"\x39", "Q", b"\x41", "Q",
+                attributes, *request_id_field,
+                (_STATUS_ERROR if status in SERVER_ERROR_CODES else b"")
+                + (_FLAGS_REMOTE_PARENT if parent else _FLAGS_LOCAL),
+            ]
+        ]  # fmt: skip
+        for name, error, phase_attributes, phase_json in self._phases(_phase_times(record)[0]):
+            spans.append(
+                [
+                    b"\x0a\x10", "16s", b"\x12\x08", "8s", b"\x22\x08", "8s",
+                    _otlp_name(name) + _KIND_INTERNAL + b"\x39", "Q", b"\x41", "Q",
+                    (_otlp_attributes(phase_attributes, phase_json) if phase_attributes
+                     else b"") + (_STATUS_ERROR if error else b"") + _FLAGS_LOCAL,
+                ]
+            )  # fmt: skip
+        layouts = self._otlp_layouts
+        if len(layouts) >= _ATTRIBUTE_CACHE_SIZE:
+            layouts.clear()
+        layout = layouts[key] = _otlp_compile(spans)
+        return layout
 
     def _request_spans(self, record: _RequestRecord) -> tuple[SpanData, list[SpanData] | None]:
         """A request's server span, and its children when it is sampled."""
@@ -625,30 +743,25 @@ class RequestTracer:
         return server, children
 
     def _child_phases(self, record: _RequestRecord) -> list[_Phase]:
-        """The child spans of a sampled request, in order: decode, then queue (batched
-        lane) or engine (CPU lane), then encode; each only if that phase happened."""
-        (
-            _, _, _, _, _, lane, _, _, _, start_ns, decoded_ns, timing, encode_start_ns, end_ns,
-        ) = record  # fmt: skip
-        phases: list[_Phase] = []
-        if decoded_ns:
-            phases.append((S.DECODE, start_ns, decoded_ns, False, _NO_ATTRIBUTES, "{}"))
-        if timing is not None:
-            if timing.queued_ns:
-                # NOTE: a request that never reached an engine (its deadline passed in the
-                # queue, or its caller left) waited until the request ended: an error span.
-                left = timing.compute_start_ns
-                phases.append(
-                    (S.QUEUE, timing.queued_ns, left or end_ns, not left, _NO_ATTRIBUTES, "{}")
-                )
-            elif timing.compute_start_ns and lane == "cpu":
-                attributes, attributes_json = self._lane_engine_attributes(timing.batch_samples)
-                phases.append(
-                    (S.ENGINE, timing.compute_start_ns, timing.compute_end_ns, False,
-                     attributes, attributes_json)
-                )  # fmt: skip
-        if encode_start_ns:
-            phases.append((S.ENCODE, encode_start_ns, end_ns, False, _NO_ATTRIBUTES, "{}"))
+        """The child spans of a sampled request, in order (see `_phase_times`)."""
+        shape, times = _phase_times(record)
+        return [
+            (name, times[2 * i], times[2 * i + 1], error, attributes, attributes_json)
+            for i, (name, error, attributes, attributes_json) in enumerate(self._phases(shape))
+        ]
+
+    def _phases(self, shape: int) -> list[tuple[str, bool, dict[str, str | int], str]]:
+        """The child spans of a request shape (`_phase_times`): name, error, attributes and
+        their JSON, in order."""
+        phases: list[tuple[str, bool, dict[str, str | int], str]] = []
+        if shape & _DECODED:
+            phases.append((S.DECODE, False, _NO_ATTRIBUTES, "{}"))
+        if shape & (_QUEUED | _QUEUE_LEFT):
+            phases.append((S.QUEUE, bool(shape & _QUEUE_LEFT), _NO_ATTRIBUTES, "{}"))
+        if shape & _ENGINE:
+            phases.append((S.ENGINE, False, *self._lane_engine_attributes(shape >> _SAMPLES_SHIFT)))
+        if shape & _ENCODED:
+            phases.append((S.ENCODE, False, _NO_ATTRIBUTES, "{}"))
         return phases
 
     def _server_attributes(self, record: _RequestRecord) -> tuple[dict[str, str | int], str]:
@@ -896,6 +1009,38 @@ _REQUEST_ID_KEY: Final = (
 _SAMPLES_KEY: Final = (
     b"\x0a" + bytes([len(S.REQUEST_SAMPLES)]) + S.REQUEST_SAMPLES.encode()
 )  # KeyValue.key (1)
+
+
+class _OtlpLayout(NamedTuple):
+    """A request shape's spans as one `struct` format: constant byte strings alternate
+    with the values (ids, times, request id) that `_request_otlp` fills in."""
+
+    pack: Any
+    """`struct.Struct.pack` of the whole format."""
+    constants: list[object]
+    """The pack arguments with the constants at the even places (values go between)."""
+    spans: int
+
+
+def _otlp_compile(spans: Sequence[Sequence[bytes | str]]) -> _OtlpLayout:
+    """Compile spans given as their fields in order (as `_span_entry` writes them):
+    `bytes` are constant, `str` are the `struct` codes of values filled in per request
+    (`"16s"`, `"8s"`, `"Q"`). Each span gets its `ScopeSpans.spans` tag and length."""
+    constants: list[bytes] = [b""]
+    codes: list[str] = []
+    for fields in spans:
+        size = sum(len(f) if isinstance(f, bytes) else struct.calcsize("<" + f) for f in fields)
+        constants[-1] += b"\x12" + _varint(size)
+        for field in fields:
+            if isinstance(field, bytes):
+                constants[-1] += field
+            else:
+                codes.append(field)
+                constants.append(b"")
+    layout = "".join(f"{len(c)}s{code}" for c, code in zip(constants, codes, strict=False))
+    arguments: list[object] = [b""] * (2 * len(codes) + 1)
+    arguments[0::2] = constants
+    return _OtlpLayout(struct.Struct(f"<{layout}{len(constants[-1])}s").pack, arguments, len(spans))
 
 
 def _varint(value: int) -> bytes:

@@ -307,27 +307,35 @@ def one_record(
     return tracer._records.popleft()
 
 
+#: Request ids for the fast paths: none, plain, and one whose UTF-8 is longer than its
+#: text, with a `%` that the JSON template must not read as a conversion.
+REQUEST_IDS = pytest.mark.parametrize("request_id", ["req-7", "", "ü%d-1"])
+
+
 @FAST_PATH_CASES
+@REQUEST_IDS
 def test_the_files_fast_path_writes_what_span_line_writes(
-    lane: str, status: str, timing: RequestTiming | None, parent: bool
+    lane: str, status: str, timing: RequestTiming | None, parent: bool, request_id: str
 ) -> None:
     tracer = RequestTracer(
         TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
     )  # (the exporter is not used: both texts are built here)
+    fast: list[tuple[str, int]] = []
+    slow: list[tuple[str, int]] = []
     try:
-        record = one_record(tracer, lane, status, timing, parent)
-        random.seed(7)
-        fast, count = tracer._request_lines(record, '{"service.name":"x"}')
-        random.seed(7)
-        server, children = tracer._request_spans(record)
-        assert children is not None
-        slow = "\n".join(
-            [span_line(server, '{"service.name":"x"}'), *(span_line(c) for c in children)]
-        )
+        for seed in (7, 8):  # the second request of the shape reuses the first's template
+            record = one_record(tracer, lane, status, timing, parent, request_id)
+            random.seed(seed)
+            fast.append(tracer._request_lines(record, '{"service.name":"x"}'))
+            random.seed(seed)
+            server, children = tracer._request_spans(record)
+            assert children is not None
+            lines = [span_line(server, '{"service.name":"x"}'), *map(span_line, children)]
+            slow.append(("\n".join(lines), len(lines)))
     finally:
         tracer.shutdown()
-    assert fast == slow and count == 1 + len(children)
-    assert [json.loads(line)["name"] for line in fast.splitlines()][0].endswith("ModelInfer")
+    assert fast == slow and fast[0] != fast[1]
+    assert [json.loads(line)["name"] for line in fast[0][0].splitlines()][0].endswith("ModelInfer")
 
 
 def _span_fields(span: object) -> tuple[object, ...]:
@@ -381,7 +389,7 @@ def test_otlp_encoding_matches_the_sdks_encoder() -> None:
 
 
 @FAST_PATH_CASES
-@pytest.mark.parametrize("request_id", ["req-7", ""])
+@REQUEST_IDS
 def test_the_otlp_fast_path_encodes_what_the_span_encoder_encodes(
     lane: str, status: str, timing: RequestTiming | None, parent: bool, request_id: str
 ) -> None:
@@ -390,16 +398,21 @@ def test_the_otlp_fast_path_encodes_what_the_span_encoder_encodes(
     tracer = RequestTracer(
         TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
     )  # (the exporter is not used: both encodings are built here)
+    fast: list[tuple[bytes, int]] = []
+    slow: list[tuple[bytes, int]] = []
     try:
-        record = one_record(tracer, lane, status, timing, parent, request_id)
-        random.seed(7)
-        fast = tracer._request_otlp(record)
-        random.seed(7)
-        server, children = tracer._request_spans(record)
-        assert children is not None
+        for seed in (7, 8):  # the second request of the shape reuses the first's layout
+            record = one_record(tracer, lane, status, timing, parent, request_id)
+            random.seed(seed)
+            fast.append(tracer._request_otlp(record))
+            random.seed(seed)
+            server, children = tracer._request_spans(record)
+            assert children is not None
+            spans = (server, *children)
+            slow.append((b"".join(map(_span_bytes, spans)), len(spans)))
     finally:
         tracer.shutdown()
-    assert fast == [_span_bytes(span) for span in (server, *children)]
+    assert fast == slow and fast[0] != fast[1]
 
 
 def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.MonkeyPatch) -> None:
