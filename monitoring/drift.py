@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal
 
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -341,13 +341,9 @@ class DriftAlert:
     since_s: float
 
 
-class _Entry(NamedTuple):
-    """One observed batch in the window (a tuple: built on the hot path)."""
-
-    inputs: Mapping[str, np.ndarray]
-    probabilities: np.ndarray | None
-    samples: int
-    at_s: float
+_Entry = tuple[Mapping[str, np.ndarray], "np.ndarray | None", int, float]
+"""One observed batch in the window: inputs, probabilities (the confidence output, or
+None), samples, monitor clock at observation (a plain tuple: built on the hot path)."""
 
 
 class DriftMonitor:
@@ -379,6 +375,9 @@ class DriftMonitor:
         self._confidence_output = config.confidence_output if profile.confidence else None
         self._lock = threading.Lock()
         self._window: deque[_Entry] = deque()
+        """Entries in the window, oldest first (under `_lock`)."""
+        self._pending: deque[_Entry] = deque()
+        """Entries observed and not yet folded into the window (`_fold`)."""
         self._count = 0
         self._observed = 0
         # NOTE: evaluate() runs on one thread at a time; readers (scrapes, /drift) see the
@@ -392,36 +391,59 @@ class DriftMonitor:
     def observe(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Add one executed batch (or one CPU-lane request) to the window.
 
-        Thread-safe and cheap: keeps references to the arrays (the caller must not reuse
-        them) and computes nothing. Arrays have a leading batch axis.
+        Thread-safe and cheap: one `deque.append` (atomic) of references to the arrays
+        (the caller must not reuse them); readers fold what is pending into the window
+        (`_fold`), and so does this call once a window's worth of entries is pending.
+        Arrays have a leading batch axis.
         """
         first = next(iter(inputs.values()), None)
         if first is None or not first.ndim:
             return
-        n = len(first)
         name = self._confidence_output
-        entry = _Entry(inputs, None if name is None else outputs.get(name), n, self._clock())
-        limit = self._window_limit
-        window = self._window
-        with self._lock:
+        pending = self._pending
+        pending.append(
+            (inputs, None if name is None else outputs.get(name), len(first), self._clock())
+        )
+        if len(pending) >= self._window_limit:
+            with self._lock:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Move the pending entries into the window and drop the entries that left it
+        (with `_lock` held).
+
+        NOTE: whole entries leave only once the rest still fill the window, so the window
+        always covers the last `window_samples` samples; `scores` trims the excess rows.
+        """
+        pending, window, limit = self._pending, self._window, self._window_limit
+        count = self._count
+        observed = 0
+        # NOTE: `popleft` until empty, not a copy and `clear`: observe() may append
+        # meanwhile (deque operations are atomic), and nothing appended may be lost.
+        while pending:
+            entry = pending.popleft()
             window.append(entry)
-            self._count += n
-            self._observed += n
-            # NOTE: whole entries leave only once the rest still fill the window, so the
-            # deque always covers the last `limit` samples; `scores` trims the excess rows.
-            while self._count - window[0][2] >= limit:
-                self._count -= window.popleft()[2]
+            observed += entry[2]
+        count += observed
+        while window and count - window[0][2] >= limit:
+            count -= window.popleft()[2]
+        self._count = count
+        self._observed += observed
 
     # ------------------------------------------------------------ reading
     @property
     def window_samples(self) -> int:
         """Samples in the window now (at most `window_samples` of the config)."""
-        return min(self._count, self._window_limit)
+        with self._lock:
+            self._fold()
+            return min(self._count, self._window_limit)
 
     @property
     def observed_total(self) -> int:
         """Samples observed since the monitor started."""
-        return self._observed
+        with self._lock:
+            self._fold()
+            return self._observed
 
     @property
     def last_scores(self) -> dict[str, float]:
@@ -436,6 +458,7 @@ class DriftMonitor:
     def _entries(self) -> tuple[list[_Entry], int]:
         """The entries covering the window and how many oldest rows to skip."""
         with self._lock:
+            self._fold()
             entries = list(self._window)
             count = self._count
         return entries, max(count - self._window_limit, 0)
@@ -528,10 +551,12 @@ class DriftMonitor:
         """The last evaluation, JSON-able (served as `/drift`)."""
         scores, states = self._last_scores, self._last_states
         with self._lock:
-            oldest_s = self._window[0].at_s if self._window else None
+            self._fold()
+            oldest_s = self._window[0][3] if self._window else None
+            observed = self._observed
         return {
             "window_samples": self.window_samples,
-            "observed_total": self._observed,
+            "observed_total": observed,
             "window_age_s": None if oldest_s is None else self._clock() - oldest_s,
             "scores": scores,
             "states": states,
@@ -546,10 +571,10 @@ def _trimmed(entries: list[_Entry], skip: int, name: str) -> list[np.ndarray]:
     """Arrays of input `name` (or `CONFIDENCE`: the probabilities) in `entries`, with the
     first `skip` rows of the window left out."""
     arrays: list[np.ndarray] = []
-    for entry in entries:
-        array = entry.probabilities if name == CONFIDENCE else entry.inputs.get(name)
+    for inputs, probabilities, samples, _ in entries:
+        array = probabilities if name == CONFIDENCE else inputs.get(name)
         if skip > 0:
-            drop = min(skip, entry.samples)
+            drop = min(skip, samples)
             skip -= drop
             if array is not None and drop:
                 array = array[drop:]

@@ -221,6 +221,19 @@ def test_the_window_slides_by_whole_samples(profile: ReferenceProfile, x_test: n
     assert monitor.scores()["INPUT"] < zeros_psi
 
 
+def test_unread_observations_are_folded_into_the_window_as_they_come(
+    profile: ReferenceProfile, x_test: np.ndarray
+) -> None:
+    """Nothing reads the window (no evaluation): what `observe` keeps stays bounded."""
+    config = DriftConfig(window_samples=100, min_samples=10)
+    monitor = DriftMonitor("digits", "1", profile, config)
+    for row in range(350):
+        monitor.observe({"INPUT": x_test[row : row + 1]}, {})
+        assert len(monitor._pending) < 100 and len(monitor._window) <= 100
+    assert monitor.window_samples == 100 and monitor.observed_total == 350
+    np.testing.assert_array_equal(np.concatenate(monitor.window_arrays("INPUT")), x_test[250:350])
+
+
 def test_observe_is_thread_safe(profile: ReferenceProfile, x_test: np.ndarray) -> None:
     config = DriftConfig(window_samples=500, min_samples=10)
     monitor = DriftMonitor("digits", "1", profile, config)
