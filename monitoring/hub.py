@@ -2,14 +2,18 @@
 
 The runtime knows none of this: it calls the per-version observers this module builds
 (`observer_factory`) and the load/unload hooks; the front door calls `record_request`
-(SLO feed when tracing is off) or the tracer. One evaluation task re-checks SLO and drift
+(SLO feed when tracing is off) or the tracer. One evaluation thread re-checks SLO and drift
 alerts every `evaluate_interval_s`.
+
+NOTE: a thread, not an asyncio task sleeping on the event loop: while any timer is
+scheduled, every turn of the loop reads the clock once more and computes a timeout, and
+the loop turns several times per request; a 1 s timer alone measured ~2% of mlp64's
+throughput at concurrency 32 (BENCHMARKS.md, "Monitoring overhead").
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -96,7 +100,8 @@ class Monitoring:
         self._drift_lock = threading.Lock()
         self.runtime: ModelRuntime | None = None
         self.http: MetricsServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._evaluator: threading.Thread | None = None
+        self._stop_evaluating = threading.Event()
 
     # ------------------------------------------------------------ runtime hooks
     def observer_factory(
@@ -203,7 +208,10 @@ class Monitoring:
                     f"({exc.strerror or exc}); pick another with --metrics-port, or --no-metrics"
                 ) from exc
             self.http.start()
-        self._task = asyncio.create_task(self._evaluate_loop(), name="monitoring-evaluate")
+        self._evaluator = threading.Thread(
+            target=self._evaluate_loop, name="monitoring-evaluate", daemon=True
+        )
+        self._evaluator.start()
 
     def evaluate(self) -> None:
         """Re-check SLO burn rates and drift scores now (logs alert transitions)."""
@@ -211,23 +219,21 @@ class Monitoring:
         for monitor in self.drift_monitors():
             monitor.evaluate()
 
-    async def _evaluate_loop(self) -> None:
+    def _evaluate_loop(self) -> None:
+        """The evaluation thread: `evaluate` every interval until `close`."""
         interval = self.settings.evaluate_interval_s
-        while True:
-            await asyncio.sleep(interval)
+        while not self._stop_evaluating.wait(interval):
             try:
-                # NOTE: drift scores histogram a whole window: off the event loop.
-                await asyncio.to_thread(self.evaluate)
+                self.evaluate()
             except Exception:
                 logger.exception("monitoring evaluation failed")
 
     async def close(self) -> None:
         """Stop evaluating, close the endpoint, ship the last spans."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._evaluator is not None:
+            self._stop_evaluating.set()
+            await asyncio.to_thread(self._evaluator.join)
+            self._evaluator = None
         if self.http is not None:
             self.http.stop()
             self.http = None

@@ -23,11 +23,13 @@ short window, so a shrunk test config works the same; longer when the ring would
 (about 8,600 buckets for the default rules). A window of length W sums the trailing
 `ceil(W / bucket)` buckets, the current partial one included. Latency percentiles come from
 a log-spaced histogram (bins 10% apart, so a percentile is the upper edge of its bin:
-at most 10% high) per bucket over the shortest short window. `record` is O(1) (about
-0.7 µs): one lock, one bisect, a few list increments; records older than the ring (a late
-span) are dropped. The span processor counts a request when its span reaches it (the
-tracer ships spans every 200 ms), well inside one bucket for sane windows. The "budget
-left" is computed over the longest alert window (the data kept), not the whole SLO period.
+at most 10% high) per bucket over the shortest short window. `record` is one deque append
+(about 0.25 µs on the event loop); the records are counted in batches, vectorised with
+numpy, when something reads the monitor (the hub evaluates it every second) or once 4,096
+are pending; records older than the ring (a late span) are dropped. The span processor
+counts a request when its span reaches it (the tracer ships spans every 200 ms), well
+inside one bucket for sane windows. The "budget left" is computed over the longest alert
+window (the data kept), not the whole SLO period.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ import logging
 import math
 import threading
 import time
-from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Final
 
+import numpy as np
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -65,6 +69,9 @@ MIN_BUCKET_S: Final = 0.05
 #: Most buckets in a model's ring: bounds memory (3 counters each) and the cost of a sum.
 MAX_BUCKETS: Final = 20_000
 _BINS: Final = len(_LATENCY_BOUNDS_S) + 1  # the last bin: above the largest bound
+_LATENCY_BOUNDS: Final = np.asarray(_LATENCY_BOUNDS_S)
+#: Pending records past which `record` counts them itself (bounds memory without readers).
+_FOLD_AT: Final = 4096
 
 
 def window_label(seconds: float) -> str:
@@ -177,6 +184,53 @@ class _ModelWindows:
         return total, out
 
 
+def _count_records(
+    windows: _ModelWindows,
+    latencies: Sequence[float],
+    statuses: Sequence[str],
+    times: Sequence[float],
+) -> None:
+    """Count one model's records (in the order they were recorded) into its buckets."""
+    latency = np.asarray(latencies, dtype=np.float64)
+    index = (np.asarray(times, dtype=np.float64) / windows.bucket_s).astype(np.int64)
+    ok: np.ndarray | None = None  # None: every record succeeded
+    failed: np.ndarray | None = None
+    if statuses.count("OK") != len(statuses):
+        ok = np.fromiter((s == "OK" for s in statuses), bool, len(statuses))
+        failed = np.fromiter((s in SERVER_FAILURES for s in statuses), bool, len(statuses))
+        counted = ok | failed  # client errors count in neither SLI, nor move the ring
+        if not counted.any():
+            return
+        newest = int(index[counted].max())
+    else:
+        newest = int(index.max())
+    if newest > windows.current:
+        windows.advance(newest)
+    kept = index > windows.current - windows.size
+    good = kept if ok is None else kept & ok
+    if failed is not None:
+        failed &= kept
+    slots = index % windows.size
+    _add_counts(windows.ok, slots[good])
+    _add_counts(windows.slow, slots[good & (latency > windows.threshold_s)])
+    if failed is not None:
+        _add_counts(windows.failed, slots[failed])
+    in_histogram = good & (index > windows.current - windows.hist_size)
+    for bucket in np.unique(index[in_histogram]).tolist():
+        chosen = in_histogram & (index == bucket)
+        bins = np.searchsorted(_LATENCY_BOUNDS, latency[chosen], side="left")
+        row = bucket % windows.hist_size
+        counts = np.bincount(bins, minlength=_BINS) + np.asarray(windows.hist[row])
+        windows.hist[row] = counts.tolist()
+
+
+def _add_counts(ring: list[int], slots: np.ndarray) -> None:
+    """Add one to `ring[slot]` for each slot given (repeats count)."""
+    if slots.size:
+        for slot, count in zip(*np.unique(slots, return_counts=True), strict=True):
+            ring[int(slot)] += int(count)
+
+
 def burn_rate(bad: int, total: int, objective: float) -> float:
     """Bad share over the error budget (0.0 without traffic)."""
     return (bad / total) / (1 - objective) if total else 0.0
@@ -198,6 +252,8 @@ class SloMonitor:
     ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
+        self._pending: deque[tuple[str, float, str, float]] = deque()
+        """Records not yet counted (`_fold`): model, latency, status, time."""
         self._models: dict[str, _ModelWindows] = {}
         self._firing: dict[tuple[str, str, str], AlertState] = {}
         for model, slo in objectives.items():
@@ -206,6 +262,7 @@ class SloMonitor:
     def set_objective(self, model: str, slo: SloConfig | None) -> None:
         """Start (or restart, when it changed) or stop monitoring a model."""
         with self._lock:
+            self._fold()  # what was recorded counts under the objective it was recorded for
             current = self._models.get(model)
             if slo is None:
                 self._models.pop(model, None)
@@ -228,44 +285,52 @@ class SloMonitor:
     def record(self, model: str, latency_s: float, status: str, now_s: float | None = None) -> None:
         """Count one finished request.
 
-        O(1) and thread-safe: the front door calls it on the event loop, the span processor
-        from the tracer's shipper thread.
+        Cheap and thread-safe: one `deque.append` (atomic) of the request's fields, on
+        the event loop or the tracer's shipper thread; reads fold what is pending into the
+        buckets, vectorised (`_fold`), and so does this call once `_FOLD_AT` records are
+        pending.
 
         Args:
-            model: the model's name; models without an objective return at once.
+            model: the model's name; models without an objective are not counted.
             latency_s: server-side latency of the request.
             status: its gRPC status name (`OK`, `INTERNAL`...); client errors are ignored.
             now_s: when it finished, on the monitor's clock (default: now). A time older
                 than the data kept is dropped.
         """
-        windows = self._models.get(model)
-        if windows is None:
+        pending = self._pending
+        pending.append((model, latency_s, status, self._clock() if now_s is None else now_s))
+        if len(pending) >= _FOLD_AT:
+            with self._lock:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Count the pending records into their models' buckets (with `_lock` held).
+
+        The same counts as taking the records one by one in order (each moving the ring
+        forward to its bucket, or dropped when older than the ring), computed with numpy
+        per model: the ring moves once to the newest bucket, then each record counts in its
+        own bucket unless the ring has left it behind.
+        """
+        pending = self._pending
+        # NOTE: `popleft` until the count taken, not a copy and `clear`: record() may
+        # append meanwhile (deque operations are atomic), and nothing appended may be lost.
+        records = [pending.popleft() for _ in range(len(pending))]
+        if not records:
             return
-        good = status == "OK"
-        if not good and status not in SERVER_FAILURES:
-            return  # the client's error: in neither SLI
-        now = self._clock() if now_s is None else now_s
-        with self._lock:
-            index = int(now / windows.bucket_s)
-            if index > windows.current:
-                windows.advance(index)
-            elif index <= windows.current - windows.size:
-                return  # NOTE: older than the ring (a late record): its slot is reused.
-            slot = index % windows.size
-            if good:
-                windows.ok[slot] += 1
-                if latency_s > windows.threshold_s:
-                    windows.slow[slot] += 1
-                if index > windows.current - windows.hist_size:
-                    hist = windows.hist[index % windows.hist_size]
-                    hist[bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
-            else:
-                windows.failed[slot] += 1
+        names = set(map(itemgetter(0), records))
+        for name in names:
+            windows = self._models.get(name)
+            if windows is None:
+                continue
+            group = records if len(names) == 1 else [r for r in records if r[0] == name]
+            _, latencies, statuses, times = zip(*group, strict=True)
+            _count_records(windows, latencies, statuses, times)
 
     def burn_rates(self, model: str, now_s: float | None = None) -> dict[str, dict[float, float]]:
         """SLI -> window length -> burn rate, for every window the model's rules use."""
         now = self._clock() if now_s is None else now_s
         with self._lock:
+            self._fold()
             windows = self._models[model]
             windows.advance(int(now / windows.bucket_s))
             return self._burn_rates(windows)
@@ -286,6 +351,7 @@ class SloMonitor:
         now = self._clock() if now_s is None else now_s
         events: list[tuple[str, AlertState]] = []
         with self._lock:
+            self._fold()
             firing: dict[tuple[str, str, str], AlertState] = {}
             for model, windows in self._models.items():
                 windows.advance(int(now / windows.bucket_s))
@@ -324,6 +390,7 @@ class SloMonitor:
         now = self._clock() if now_s is None else now_s
         out: dict[str, Any] = {}
         with self._lock:
+            self._fold()
             for model, windows in sorted(self._models.items()):
                 windows.advance(int(now / windows.bucket_s))
                 slo = windows.slo

@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -387,3 +388,66 @@ def test_slo_command_fails_clearly_when_unreachable(capsys: pytest.CaptureFixtur
 
 def test_render_without_models() -> None:
     assert "no model has an SLO" in render({})
+
+
+def _count_one(windows: Any, latency_s: float, status: str, now_s: float) -> None:
+    """The reference: one record counted on arrival (the ring moves to its bucket; older
+    than the ring, it is dropped; the latency histogram keeps its last buckets)."""
+    from bisect import bisect_left
+
+    from monitoring.slo import _LATENCY_BOUNDS_S, SERVER_FAILURES
+
+    if status != "OK" and status not in SERVER_FAILURES:
+        return
+    index = int(now_s / windows.bucket_s)
+    if index > windows.current:
+        windows.advance(index)
+    elif index <= windows.current - windows.size:
+        return
+    slot = index % windows.size
+    if status != "OK":
+        windows.failed[slot] += 1
+        return
+    windows.ok[slot] += 1
+    windows.slow[slot] += latency_s > windows.threshold_s
+    if index > windows.current - windows.hist_size:
+        windows.hist[index % windows.hist_size][bisect_left(_LATENCY_BOUNDS_S, latency_s)] += 1
+
+
+def test_records_counted_in_one_batch_count_as_one_at_a_time() -> None:
+    """`record` only queues; the batch count (`_fold`, numpy) must leave every bucket,
+    histogram row and the ring's position exactly as counting each record on arrival."""
+    import random
+
+    from monitoring.slo import _ModelWindows
+
+    rng = random.Random(5)
+    statuses = ["OK"] * 8 + ["INTERNAL", "UNAVAILABLE", "INVALID_ARGUMENT", "CANCELLED"]
+    objectives = {"digits": shrunk(), "other": shrunk()}
+    reference = {name: _ModelWindows(name, slo, 1000.0) for name, slo in objectives.items()}
+    batched = SloMonitor(objectives, clock=Clock())
+    now = 1000.0
+    seen = [0, 0, 0]  # ok, failed and histogram counts at the checkpoints
+    for i in range(1, 5001):
+        # Time goes forward, now and then past the whole ring (7,201 buckets of 50 ms);
+        # some records are late: around the edge of the latency histogram (11 buckets),
+        # within the ring, or around its edge.
+        now += 400.0 if rng.random() < 0.002 else rng.choice([0.0, 0.01, 0.02, 0.3])
+        late = rng.choice([(0, 0), (-0.7, -0.4), (-40, -1), (-360.2, -359.9)])
+        at = now + rng.uniform(*late) if rng.random() < 0.3 else now
+        model = rng.choice(["digits", "digits", "other", "unmonitored"])
+        latency, status = rng.lognormvariate(-4, 1.5), rng.choice(statuses)
+        batched.record(model, latency, status, now_s=at)
+        if model in reference:
+            _count_one(reference[model], latency, status, at)
+        if i % 250 == 0:  # a checkpoint: count what is pending (a past `now` moves nothing)
+            batched.burn_rates("digits", now_s=-1.0)
+            for model, a in reference.items():
+                b = batched._models[model]
+                assert (a.current, a.ok, a.slow, a.failed, a.hist) == (
+                    b.current, b.ok, b.slow, b.failed, b.hist
+                )  # fmt: skip
+                seen[0] += sum(a.ok)
+                seen[1] += sum(a.failed)
+                seen[2] += sum(map(sum, a.hist))
+    assert all(seen)
