@@ -6,8 +6,11 @@ a small model. Instead the event loop appends one compact record per request (id
 timestamps, attributes: about 2 µs) and the engine threads one per batch; a shipper thread
 turns them, every `flush_interval_s`, straight into what the exporter sends: JSON lines for
 the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
-`OTLP_PAYLOAD_BYTES`). Either costs about 8 µs per request with four spans, where building
-SDK `ReadableSpan`s and converting them cost 50 µs. `RequestSpanProcessor`s
+`OTLP_PAYLOAD_BYTES`). What surrounds a request's ids, times and request id is compiled
+once per request shape (method, model, status, which child spans...): a `struct` layout
+for OTLP (`_otlp_layout`), a `%` template for JSON lines (`_line_layout`), so a request
+with four spans costs one pack (about 4.5 µs) or one format (about 6 µs, plus the write),
+where building SDK `ReadableSpan`s and converting them cost 50 µs. `RequestSpanProcessor`s
 (the SLO monitor's) get each request's fields without any span object; other SDK span
 processors and exporters still work, and get `ReadableSpan`s built for them.
 
@@ -261,10 +264,17 @@ _ATTRIBUTE_CACHE_SIZE: Final = 4096
 _REQUEST: Final = 0
 _BATCH: Final = 1
 _RequestRecord = tuple[
-    int, "TraceHandle", str, str, str, str, int, str, str, int, int, RequestTiming | None, int, int
-]
-"""_REQUEST, handle, method, model, version, lane, samples, request id, status, start,
-decoded, timing, encode start, end (monotonic ns; 0 = that phase did not happen)."""
+    int, int, int, int, bool, str, str, str, str, int, str, str,
+    int, int, int, int, int, int, int, int,
+]  # fmt: skip
+"""_REQUEST, trace id, span id, parent span id (0 = none), sampled, method, model, version,
+lane, samples, request id, status, then monotonic ns (0 = that phase did not happen):
+start, decoded, queued, compute start, compute end, then the lane's batch size, then
+encode start, end.
+
+NOTE: ints and strings only, no `TraceHandle` or `RequestTiming`: the cycle collector
+stops tracking such a tuple at its first pass, so the records waiting for the shipper
+(a flush interval's worth) add nothing to the collections that follow."""
 _Phase = tuple[str, int, int, bool, dict[str, str | int], str]
 """A request's child span: name, start, end (monotonic ns), error, attributes, their JSON."""
 _NO_ATTRIBUTES: Final[dict[str, str | int]] = {}
@@ -286,27 +296,25 @@ def _phase_times(record: _RequestRecord) -> tuple[int, list[int]]:
     """A sampled request's shape (the `_DECODED`... bits) and its child spans' times
     (start, end, start, end... monotonic ns), in order: decode, then queue (batched lane)
     or engine (CPU lane), then encode; each only if that phase happened."""
-    (_, _, _, _, _, lane, _, _, _, start_ns, decoded_ns, timing, encode_start_ns, end_ns) = record
+    (*_, lane, _, _, _, start_ns, decoded_ns, queued_ns, compute_start_ns, compute_end_ns,
+     batch_samples, encode_start_ns, end_ns) = record  # fmt: skip
     shape = 0
     times: list[int] = []
     if decoded_ns:
         shape = _DECODED
         times += (start_ns, decoded_ns)
-    if timing is not None:
-        queued_ns = timing.queued_ns
-        if queued_ns:
-            # NOTE: a request that never reached an engine (its deadline passed in the
-            # queue, or its caller left) waited until the request ended: an error span.
-            left = timing.compute_start_ns
-            if left:
-                shape |= _QUEUED
-                times += (queued_ns, left)
-            else:
-                shape |= _QUEUE_LEFT
-                times += (queued_ns, end_ns)
-        elif timing.compute_start_ns and lane == "cpu":
-            shape |= _ENGINE | timing.batch_samples << _SAMPLES_SHIFT
-            times += (timing.compute_start_ns, timing.compute_end_ns)
+    if queued_ns:
+        # NOTE: a request that never reached an engine (its deadline passed in the queue,
+        # or its caller left) waited until the request ended: an error span.
+        if compute_start_ns:
+            shape |= _QUEUED
+            times += (queued_ns, compute_start_ns)
+        else:
+            shape |= _QUEUE_LEFT
+            times += (queued_ns, end_ns)
+    elif compute_start_ns and lane == "cpu":
+        shape |= _ENGINE | batch_samples << _SAMPLES_SHIFT
+        times += (compute_start_ns, compute_end_ns)
     if encode_start_ns:
         shape |= _ENCODED
         times += (encode_start_ns, end_ns)
@@ -416,12 +424,23 @@ class RequestTracer:
         if len(self._records) >= self._max:
             self.dropped += 1
             return
-        self._records.append(
-            (
-                _REQUEST, handle, method, model, version, lane, samples, request_id, status,
-                start_ns, decoded_ns, timing, encode_start_ns, end_ns,
-            )
-        )  # fmt: skip
+        if timing is None:
+            self._records.append(
+                (
+                    _REQUEST, handle.trace_id, handle.span_id, handle.parent_span_id,
+                    handle.sampled, method, model, version, lane, samples, request_id, status,
+                    start_ns, decoded_ns, 0, 0, 0, 0, encode_start_ns, end_ns,
+                )
+            )  # fmt: skip
+        else:
+            self._records.append(
+                (
+                    _REQUEST, handle.trace_id, handle.span_id, handle.parent_span_id,
+                    handle.sampled, method, model, version, lane, samples, request_id, status,
+                    start_ns, decoded_ns, timing.queued_ns, timing.compute_start_ns,
+                    timing.compute_end_ns, timing.batch_samples, encode_start_ns, end_ns,
+                )
+            )  # fmt: skip
 
     # ------------------------------------------------------------ engine threads
     def record_batch(self, model: str, version: str, batch: ExecutedBatch) -> None:
@@ -482,7 +501,7 @@ class RequestTracer:
             if record[0] == _REQUEST:
                 request = cast(_RequestRecord, record)
                 self._feed_fast_processors(request)
-                if not request[1].sampled and not generic:
+                if not request[4] and not generic:  # not sampled
                     continue
                 server, children = self._request_spans(request)
                 for processor in generic:
@@ -566,7 +585,7 @@ class RequestTracer:
             record = records.popleft()
             if record[0] == _REQUEST:
                 self._feed_fast_processors(record)
-                if record[1].sampled:
+                if record[4]:  # sampled
                     yield record
             else:
                 yield record
@@ -575,7 +594,7 @@ class RequestTracer:
         """Every request, sampled or not, reaches the fast processors (the SLO monitor's)
         as its fields: model, status, duration."""
         for processor in self._fast_processors:
-            processor.on_request_end(record[3], record[8], record[13] - record[9])
+            processor.on_request_end(record[6], record[11], record[19] - record[12])
 
     def _count_export(self, result: SpanExportResult, spans: int) -> None:
         if result is SpanExportResult.SUCCESS:
@@ -591,18 +610,17 @@ class RequestTracer:
         in the same order and the same text as `span_line` of each of
         `_request_spans(record)` (a test compares the two).
         """
-        (_, handle, method, model, version, lane, samples, request_id, status, start_ns,
-         _, _, _, end_ns) = record  # fmt: skip
+        (_, trace_id, span_id, parent_id, _, method, model, version, lane, samples, request_id,
+         status, start_ns, *_, end_ns) = record  # fmt: skip
         shape, times = _phase_times(record)
-        parent_id = handle.parent_span_id
         key = (method, model, version, lane, samples, status, bool(parent_id),
                bool(request_id), shape, resource_json)  # fmt: skip
         layout = self._line_layouts.get(key)
         if layout is None:
             layout = self._line_layout(key, record, resource_json)
         offset = self._offset_ns
-        trace = handle.trace_id.to_bytes(16, "big").hex()
-        span = handle.span_id.to_bytes(8, "big").hex()
+        trace = trace_id.to_bytes(16, "big").hex()
+        span = span_id.to_bytes(8, "big").hex()
         values: list[object] = [trace, span]
         if parent_id:
             values.append(parent_id)
@@ -620,9 +638,9 @@ class RequestTracer:
         """The `%` template of `_request_lines` for the shape of `record` (cached by
         `key`): `span_line`'s layout with `%s` (the trace id and server span id in hex,
         the request id's JSON), `%016x` (other span ids) and `%d` (times) in it."""
-        method, status, parent_id = record[2], record[8], record[1].parent_span_id
+        parent_id, method, request_id, status = record[3], record[5], record[10], record[11]
         attributes_json = self._base_server_attributes(record)[1].replace("%", "%%")
-        if record[7]:  # the request id's JSON is a value: `%s`
+        if request_id:  # the request id's JSON is a value: `%s`
             attributes_json = f"{attributes_json[:-1]},{_REQUEST_ID_JSON}:%s}}"
         lines = [
             '{"trace_id":"%s","span_id":"%s","parent_span_id":'
@@ -656,10 +674,9 @@ class RequestTracer:
         in the same order, as `_span_bytes` of each of `_request_spans(record)` (a test
         compares the two).
         """
-        (_, handle, method, model, version, lane, samples, request_id, status, start_ns,
-         _, _, _, end_ns) = record  # fmt: skip
+        (_, trace_id, span_id, parent_id, _, method, model, version, lane, samples, request_id,
+         status, start_ns, *_, end_ns) = record  # fmt: skip
         shape, times = _phase_times(record)
-        parent_id = handle.parent_span_id
         raw_id = request_id.encode() if request_id else b""
         key = (method, model, version, lane, samples, status, bool(parent_id), len(raw_id),
                shape)  # fmt: skip
@@ -667,8 +684,8 @@ class RequestTracer:
         if layout is None:
             layout = self._otlp_layout(key, record)
         offset = self._offset_ns
-        trace = handle.trace_id.to_bytes(16, "big")
-        span = handle.span_id.to_bytes(8, "big")
+        trace = trace_id.to_bytes(16, "big")
+        span = span_id.to_bytes(8, "big")
         values: list[object] = [trace, span]
         if parent_id:
             values.append(parent_id.to_bytes(8, "big"))
@@ -686,8 +703,7 @@ class RequestTracer:
     def _otlp_layout(self, key: tuple[object, ...], record: _RequestRecord) -> _OtlpLayout:
         """The `struct` layout of `_request_otlp` for the shape of `record` (cached by
         `key`): `_span_entry`'s fields, constant except ids, times and the request id."""
-        method, request_id, status = record[2], record[7], record[8]
-        parent = record[1].parent_span_id
+        parent, method, request_id, status = record[3], record[5], record[10], record[11]
         attributes = _otlp_attributes(*self._base_server_attributes(record))
         parent_field: list[bytes | str] = [b"\x22\x08", "8s"] if parent else []
         request_id_field: list[bytes | str] = []
@@ -722,16 +738,16 @@ class RequestTracer:
 
     def _request_spans(self, record: _RequestRecord) -> tuple[SpanData, list[SpanData] | None]:
         """A request's server span, and its children when it is sampled."""
-        (_, handle, method, _, _, _, _, _, status, start_ns, _, _, _, end_ns) = record
+        (_, trace_id, span_id, parent_id, sampled, method, *_) = record
+        status, start_ns, end_ns = record[11], record[12], record[19]
         offset = self._offset_ns
         attributes, attributes_json = self._server_attributes(record)
-        trace_id, span_id = handle.trace_id, handle.span_id
         server = SpanData(
-            method, trace_id, span_id, handle.parent_span_id, bool(handle.parent_span_id),
-            True, start_ns + offset, end_ns + offset, status in SERVER_ERROR_CODES,
-            handle.sampled, attributes, (), attributes_json,
+            method, trace_id, span_id, parent_id, bool(parent_id), True, start_ns + offset,
+            end_ns + offset, status in SERVER_ERROR_CODES, sampled, attributes, (),
+            attributes_json,
         )  # fmt: skip
-        if not handle.sampled:
+        if not sampled:
             return server, None
         bits = random.getrandbits
         children = [
@@ -770,7 +786,7 @@ class RequestTracer:
         NOTE: cached dicts are shared by many spans; nothing may modify them.
         """
         hit = self._base_server_attributes(record)
-        request_id = record[7]
+        request_id = record[10]
         if not request_id:
             return hit
         attributes, encoded = hit
@@ -781,7 +797,7 @@ class RequestTracer:
 
     def _base_server_attributes(self, record: _RequestRecord) -> tuple[dict[str, str | int], str]:
         """The server-span attributes other than the request id, and their JSON (cached)."""
-        (_, _, method, model, version, lane, samples, _, status, *_) = record
+        (_, _, _, _, _, method, model, version, lane, samples, _, status, *_) = record
         key = (method, model, version, lane, samples, status)
         cache = self._attribute_cache
         hit = cache.get(key)

@@ -415,6 +415,23 @@ def test_the_otlp_fast_path_encodes_what_the_span_encoder_encodes(
     assert fast == slow and fast[0] != fast[1]
 
 
+@FAST_PATH_CASES
+def test_request_records_hold_no_object_the_cycle_collector_tracks(
+    lane: str, status: str, timing: RequestTiming | None, parent: bool
+) -> None:
+    """Records wait up to a flush interval for the shipper: made of ints and strings only,
+    they leave the collector's view at its first pass instead of being scanned at each."""
+    import gc
+
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=MemoryExporter())
+    try:
+        record = one_record(tracer, lane, status, timing, parent)
+        gc.collect()
+        assert not gc.is_tracked(record)
+    finally:
+        tracer.shutdown()
+
+
 def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
