@@ -25,9 +25,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.monitoring_overhead import INPUT_ROWS, TARGETS, mlp64_with_drift
+from loadtests.monitoring_overhead import INPUT_ROWS, TARGETS, mlp64_with_drift, write_results
 from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, launch_server, run_perf_analyzer
 
 MODEL = "mlp64"
@@ -202,20 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             {"setting": name, "median_us_per_call": median, "added_us": added,
              "estimated_ratio": ratio, "target_ratio": target, "blocks_us": values}
         )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d %H:%M"),
-                "machine": f"{platform.node()} {os.cpu_count()} cpus",
-                "command": "python -m loadtests.monitoring_cost " + " ".join(argv or sys.argv[1:]),
-                "loop_us_per_request": loop_us,
-                "results": table,
-            },
-            indent=2,
-        )
+    write_results(
+        args.out, "loadtests.monitoring_cost", argv, loop_us_per_request=loop_us, results=table
     )
-    print(f"wrote {args.out}")
     return 0
 
 

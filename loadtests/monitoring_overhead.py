@@ -162,21 +162,20 @@ def main(argv: list[str] | None = None) -> int:
              "ratio_vs_off": ratio, "target_ratio": target, "runs": results,
              "unstable_runs": unstable[name]}
         )  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "machine": f"{platform.node()} {os.cpu_count()} cpus",
-                "command": "python -m loadtests.monitoring_overhead "
-                + " ".join(argv or sys.argv[1:]),
-                "results": table,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {args.out}")
+    write_results(args.out, "loadtests.monitoring_overhead", argv, results=table)
     return 0
+
+
+def write_results(out: Path, module: str, argv: list[str] | None, **fields: Any) -> None:
+    """Write a benchmark's JSON: date, machine and command, then `fields`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.node()} {os.cpu_count()} cpus",
+        "command": f"python -m {module} " + " ".join(argv or sys.argv[1:]),
+    }
+    out.write_text(json.dumps({**header, **fields}, indent=2))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

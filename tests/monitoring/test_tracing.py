@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from monitoring import spans as S
 from monitoring.tracing import (
     JsonLinesSpanExporter,
     RequestTracer,
+    SpanData,
     TraceHandle,
     TracingSettings,
     span_line,
@@ -312,28 +313,45 @@ def one_record(
 REQUEST_IDS = pytest.mark.parametrize("request_id", ["req-7", "", "ü%d-1"])
 
 
+def both_paths(
+    case: tuple[str, str, RequestTiming | None, bool, str],
+    fast: Callable[[RequestTracer, Any], Any],
+    slow: Callable[[SpanData, list[SpanData]], Any],
+) -> tuple[list[Any], list[Any]]:
+    """What a fast path makes of two requests of one shape (the second reuses what the
+    first compiled), and what the span builders make of them, the same ids drawn."""
+    tracer = RequestTracer(
+        TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
+    )  # (the exporter is not used: both are built here)
+    fasts, slows = [], []
+    try:
+        for seed in (7, 8):
+            record = one_record(tracer, *case)
+            random.seed(seed)
+            fasts.append(fast(tracer, record))
+            random.seed(seed)
+            server, children = tracer._request_spans(record)
+            assert children is not None
+            slows.append(slow(server, children))
+    finally:
+        tracer.shutdown()
+    return fasts, slows
+
+
 @FAST_PATH_CASES
 @REQUEST_IDS
 def test_the_files_fast_path_writes_what_span_line_writes(
     lane: str, status: str, timing: RequestTiming | None, parent: bool, request_id: str
 ) -> None:
-    tracer = RequestTracer(
-        TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
-    )  # (the exporter is not used: both texts are built here)
-    fast: list[tuple[str, int]] = []
-    slow: list[tuple[str, int]] = []
-    try:
-        for seed in (7, 8):  # the second request of the shape reuses the first's template
-            record = one_record(tracer, lane, status, timing, parent, request_id)
-            random.seed(seed)
-            fast.append(tracer._request_lines(record, '{"service.name":"x"}'))
-            random.seed(seed)
-            server, children = tracer._request_spans(record)
-            assert children is not None
-            lines = [span_line(server, '{"service.name":"x"}'), *map(span_line, children)]
-            slow.append(("\n".join(lines), len(lines)))
-    finally:
-        tracer.shutdown()
+    def lines(server: SpanData, children: list[SpanData]) -> tuple[str, int]:
+        text = [span_line(server, '{"service.name":"x"}'), *map(span_line, children)]
+        return "\n".join(text), len(text)
+
+    fast, slow = both_paths(
+        (lane, status, timing, parent, request_id),
+        lambda tracer, record: tracer._request_lines(record, '{"service.name":"x"}'),
+        lines,
+    )
     assert fast == slow and fast[0] != fast[1]
     assert [json.loads(line)["name"] for line in fast[0][0].splitlines()][0].endswith("ModelInfer")
 
@@ -395,23 +413,15 @@ def test_the_otlp_fast_path_encodes_what_the_span_encoder_encodes(
 ) -> None:
     from monitoring.tracing import _span_bytes
 
-    tracer = RequestTracer(
-        TracingSettings(flush_interval_s=3600), exporter=MemoryExporter()
-    )  # (the exporter is not used: both encodings are built here)
-    fast: list[tuple[bytes, int]] = []
-    slow: list[tuple[bytes, int]] = []
-    try:
-        for seed in (7, 8):  # the second request of the shape reuses the first's layout
-            record = one_record(tracer, lane, status, timing, parent, request_id)
-            random.seed(seed)
-            fast.append(tracer._request_otlp(record))
-            random.seed(seed)
-            server, children = tracer._request_spans(record)
-            assert children is not None
-            spans = (server, *children)
-            slow.append((b"".join(map(_span_bytes, spans)), len(spans)))
-    finally:
-        tracer.shutdown()
+    def encoded(server: SpanData, children: list[SpanData]) -> tuple[bytes, int]:
+        spans = (server, *children)
+        return b"".join(map(_span_bytes, spans)), len(spans)
+
+    fast, slow = both_paths(
+        (lane, status, timing, parent, request_id),
+        lambda tracer, record: tracer._request_otlp(record),
+        encoded,
+    )
     assert fast == slow and fast[0] != fast[1]
 
 
