@@ -875,19 +875,6 @@ def _name_json(name: str) -> str:
     return encoded
 
 
-def _child_line(
-    trace: str, span_id: int, parent: str, name_json: str, start_ns: int, end_ns: int,
-    error: bool, attributes_json: str,
-) -> str:  # fmt: skip
-    """A request's child span as a JSON line (`span_line`'s layout, hex ids given)."""
-    return (
-        f'{{"trace_id":"{trace}","span_id":"{span_id:016x}","parent_span_id":"{parent}",'
-        f'"name":{name_json},"kind":"INTERNAL","start_ns":{start_ns},"end_ns":{end_ns},'
-        f'"status":"{"ERROR" if error else "UNSET"}","attributes":{attributes_json},'
-        f'"links":[],"resource":{{}}}}'
-    )
-
-
 def span_line(span: SpanData, resource_json: str = "{}") -> str:
     """One span in batchwire's JSON-lines layout (see `monitoring/spans.py`), no newline."""
     parent_id = f'"{span.parent_span_id:016x}"' if span.parent_span_id else "null"
