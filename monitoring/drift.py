@@ -393,18 +393,19 @@ class DriftMonitor:
 
         Thread-safe and cheap: one `deque.append` (atomic) of references to the arrays
         (the caller must not reuse them); readers fold what is pending into the window
-        (`_fold`), and so does this call once a window's worth of entries is pending.
+        (`_fold`), and so does this call once about a window's worth of samples is pending.
         Arrays have a leading batch axis.
         """
         first = next(iter(inputs.values()), None)
         if first is None or not first.ndim:
             return
         name = self._confidence_output
+        n = len(first)
         pending = self._pending
-        pending.append(
-            (inputs, None if name is None else outputs.get(name), len(first), self._clock())
-        )
-        if len(pending) >= self._window_limit:
+        pending.append((inputs, None if name is None else outputs.get(name), n, self._clock()))
+        # About a window's worth pending (entries of this size): fold, so that what is
+        # kept stays near two windows even when nothing reads (batches of 256 fold at 8).
+        if len(pending) * n >= self._window_limit:
             with self._lock:
                 self._fold()
 

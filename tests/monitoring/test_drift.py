@@ -232,6 +232,15 @@ def test_unread_observations_are_folded_into_the_window_as_they_come(
         assert len(monitor._pending) < 100 and len(monitor._window) <= 100
     assert monitor.window_samples == 100 and monitor.observed_total == 350
     np.testing.assert_array_equal(np.concatenate(monitor.window_arrays("INPUT")), x_test[250:350])
+    batches = [x_test[start : start + 40] for start in range(0, 320, 40)]
+    for batch in batches:  # batches: the samples kept stay near two windows
+        monitor.observe({"INPUT": batch}, {})
+        kept = sum(e[2] for e in (*monitor._pending, *monitor._window))
+        assert kept < 100 + 100 + 40
+    assert monitor.window_samples == 100 and monitor.observed_total == 350 + 320
+    np.testing.assert_array_equal(
+        np.concatenate(monitor.window_arrays("INPUT")), np.concatenate(batches)[-100:]
+    )
 
 
 def test_observe_is_thread_safe(profile: ReferenceProfile, x_test: np.ndarray) -> None:
