@@ -133,8 +133,9 @@ def loop_cpu_per_request(tool: Path, concurrency: int, work: Path) -> float:
     tick = os.sysconf("SC_CLK_TCK")
 
     def loop_ticks() -> int:
-        fields = Path(f"/proc/{proc.pid}/task/{proc.pid}/stat").read_text().rsplit(")", 1)[1]
-        return int(fields.split()[11]) + int(fields.split()[12])  # utime + stime
+        stat = Path(f"/proc/{proc.pid}/task/{proc.pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()  # after the thread's name
+        return int(fields[11]) + int(fields[12])  # utime + stime
 
     try:
         with grpc.insecure_channel(address) as channel:

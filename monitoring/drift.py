@@ -555,8 +555,9 @@ class DriftMonitor:
             self._fold()
             oldest_s = self._window[0][3] if self._window else None
             observed = self._observed
+            window_samples = min(self._count, self._window_limit)
         return {
-            "window_samples": self.window_samples,
+            "window_samples": window_samples,
             "observed_total": observed,
             "window_age_s": None if oldest_s is None else self._clock() - oldest_s,
             "scores": scores,

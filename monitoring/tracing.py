@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final, NamedTuple, cast
+from typing import IO, Any, Final, NamedTuple, TypeVar, cast
 
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
@@ -73,6 +73,7 @@ GRPC_CODE_NUMBERS: Final = {
     "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
 }  # fmt: skip
 
+_V = TypeVar("_V")
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 _RATIO_MASK: Final = (1 << 64) - 1
@@ -321,6 +322,16 @@ def _phase_times(record: _RequestRecord) -> tuple[int, list[int]]:
     return shape, times
 
 
+def _remember(cache: dict[Any, _V], key: Any, value: _V) -> _V:
+    """`cache[key] = value`, starting the cache over once it holds `_ATTRIBUTE_CACHE_SIZE`
+    entries (attribute sets and request shapes are few; a flood of distinct ones must not
+    grow memory); returns `value`."""
+    if len(cache) >= _ATTRIBUTE_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
 def monotonic_to_epoch_offset_ns() -> int:
     """`time.time_ns() - time.monotonic_ns()`, read back to back (converts span times)."""
     return time.time_ns() - time.monotonic_ns()
@@ -425,22 +436,20 @@ class RequestTracer:
             self.dropped += 1
             return
         if timing is None:
-            self._records.append(
-                (
-                    _REQUEST, handle.trace_id, handle.span_id, handle.parent_span_id,
-                    handle.sampled, method, model, version, lane, samples, request_id, status,
-                    start_ns, decoded_ns, 0, 0, 0, 0, encode_start_ns, end_ns,
-                )
-            )  # fmt: skip
+            queued_ns = compute_start_ns = compute_end_ns = batch_samples = 0
         else:
-            self._records.append(
-                (
-                    _REQUEST, handle.trace_id, handle.span_id, handle.parent_span_id,
-                    handle.sampled, method, model, version, lane, samples, request_id, status,
-                    start_ns, decoded_ns, timing.queued_ns, timing.compute_start_ns,
-                    timing.compute_end_ns, timing.batch_samples, encode_start_ns, end_ns,
-                )
+            queued_ns, compute_start_ns, compute_end_ns, batch_samples = (
+                timing.queued_ns, timing.compute_start_ns, timing.compute_end_ns,
+                timing.batch_samples,
             )  # fmt: skip
+        self._records.append(
+            (
+                _REQUEST, handle.trace_id, handle.span_id, handle.parent_span_id, handle.sampled,
+                method, model, version, lane, samples, request_id, status, start_ns, decoded_ns,
+                queued_ns, compute_start_ns, compute_end_ns, batch_samples, encode_start_ns,
+                end_ns,
+            )
+        )  # fmt: skip
 
     # ------------------------------------------------------------ engine threads
     def record_batch(self, model: str, version: str, batch: ExecutedBatch) -> None:
@@ -617,7 +626,7 @@ class RequestTracer:
                bool(request_id), shape, resource_json)  # fmt: skip
         layout = self._line_layouts.get(key)
         if layout is None:
-            layout = self._line_layout(key, record, resource_json)
+            layout = self._line_layout(key, record, shape, resource_json)
         offset = self._offset_ns
         trace = trace_id.to_bytes(16, "big").hex()
         span = span_id.to_bytes(8, "big").hex()
@@ -633,7 +642,7 @@ class RequestTracer:
         return layout[0] % tuple(values), layout[1]
 
     def _line_layout(
-        self, key: tuple[object, ...], record: _RequestRecord, resource_json: str
+        self, key: tuple[object, ...], record: _RequestRecord, shape: int, resource_json: str
     ) -> tuple[str, int]:
         """The `%` template of `_request_lines` for the shape of `record` (cached by
         `key`): `span_line`'s layout with `%s` (the trace id and server span id in hex,
@@ -651,7 +660,7 @@ class RequestTracer:
             f'"attributes":{attributes_json},"links":[],'
             f'"resource":{resource_json.replace("%", "%%")}}}'
         ]
-        for name, error, _, phase_json in self._phases(_phase_times(record)[0]):
+        for name, error, _, phase_json in self._phases(shape):
             lines.append(
                 '{"trace_id":"%s","span_id":"%016x","parent_span_id":"%s",'
                 f'"name":{_name_json(name).replace("%", "%%")},"kind":"INTERNAL",'
@@ -659,11 +668,7 @@ class RequestTracer:
                 f'"status":"{"ERROR" if error else "UNSET"}",'
                 f'"attributes":{phase_json.replace("%", "%%")},"links":[],"resource":{{}}}}'
             )
-        layouts = self._line_layouts
-        if len(layouts) >= _ATTRIBUTE_CACHE_SIZE:
-            layouts.clear()
-        layout = layouts[key] = ("\n".join(lines), len(lines))
-        return layout
+        return _remember(self._line_layouts, key, ("\n".join(lines), len(lines)))
 
     def _request_otlp(self, record: _RequestRecord) -> tuple[bytes, int]:
         """A sampled request's spans as encoded `ScopeSpans.spans` entries (one bytes
@@ -682,7 +687,7 @@ class RequestTracer:
                shape)  # fmt: skip
         layout = self._otlp_layouts.get(key)
         if layout is None:
-            layout = self._otlp_layout(key, record)
+            layout = self._otlp_layout(key, record, shape)
         offset = self._offset_ns
         trace = trace_id.to_bytes(16, "big")
         span = span_id.to_bytes(8, "big")
@@ -700,7 +705,9 @@ class RequestTracer:
         args[1::2] = values
         return layout.pack(*args), layout.spans
 
-    def _otlp_layout(self, key: tuple[object, ...], record: _RequestRecord) -> _OtlpLayout:
+    def _otlp_layout(
+        self, key: tuple[object, ...], record: _RequestRecord, shape: int
+    ) -> _OtlpLayout:
         """The `struct` layout of `_request_otlp` for the shape of `record` (cached by
         `key`): `_span_entry`'s fields, constant except ids, times and the request id."""
         parent, method, request_id, status = record[3], record[5], record[10], record[11]
@@ -721,7 +728,7 @@ class RequestTracer:
                 + (_FLAGS_REMOTE_PARENT if parent else _FLAGS_LOCAL),
             ]
         ]  # fmt: skip
-        for name, error, phase_attributes, phase_json in self._phases(_phase_times(record)[0]):
+        for name, error, phase_attributes, phase_json in self._phases(shape):
             spans.append(
                 [
                     b"\x0a\x10", "16s", b"\x12\x08", "8s", b"\x22\x08", "8s",
@@ -730,11 +737,7 @@ class RequestTracer:
                      else b"") + (_STATUS_ERROR if error else b"") + _FLAGS_LOCAL,
                 ]
             )  # fmt: skip
-        layouts = self._otlp_layouts
-        if len(layouts) >= _ATTRIBUTE_CACHE_SIZE:
-            layouts.clear()
-        layout = layouts[key] = _otlp_compile(spans)
-        return layout
+        return _remember(self._otlp_layouts, key, _otlp_compile(spans))
 
     def _request_spans(self, record: _RequestRecord) -> tuple[SpanData, list[SpanData] | None]:
         """A request's server span, and its children when it is sampled."""
@@ -799,11 +802,8 @@ class RequestTracer:
         """The server-span attributes other than the request id, and their JSON (cached)."""
         (_, _, _, _, _, method, model, version, lane, samples, _, status, *_) = record
         key = (method, model, version, lane, samples, status)
-        cache = self._attribute_cache
-        hit = cache.get(key)
+        hit = self._attribute_cache.get(key)
         if hit is None:
-            if len(cache) >= _ATTRIBUTE_CACHE_SIZE:
-                cache.clear()
             attributes: dict[str, str | int] = {
                 S.RPC_SYSTEM_NAME: "grpc",
                 S.RPC_SYSTEM: "grpc",
@@ -817,18 +817,15 @@ class RequestTracer:
             }
             if lane:
                 attributes[S.LANE] = lane
-            hit = cache[key] = (attributes, _dumps(attributes))
+            hit = _remember(self._attribute_cache, key, (attributes, _dumps(attributes)))
         return hit
 
     def _lane_engine_attributes(self, samples: int) -> tuple[dict[str, str | int], str]:
         """Attributes and attribute JSON of a CPU-lane engine span (cached)."""
-        cache = self._lane_engine_cache
-        hit = cache.get(samples)
+        hit = self._lane_engine_cache.get(samples)
         if hit is None:
-            if len(cache) >= _ATTRIBUTE_CACHE_SIZE:
-                cache.clear()
             attributes: dict[str, str | int] = {S.LANE: "cpu", S.BATCH_SIZE: samples}
-            hit = cache[samples] = (attributes, _dumps(attributes))
+            hit = _remember(self._lane_engine_cache, samples, (attributes, _dumps(attributes)))
         return hit
 
     def _batch_spans(self, record: tuple[object, ...]) -> list[SpanData]:
@@ -1062,11 +1059,9 @@ def _otlp_attributes(attributes: dict[str, str | int], attributes_json: str) -> 
     key = attributes_json or _dumps(attributes)
     encoded = _OTLP_ATTRIBUTES.get(key)
     if encoded is None:
-        if len(_OTLP_ATTRIBUTES) >= _ATTRIBUTE_CACHE_SIZE:
-            _OTLP_ATTRIBUTES.clear()
         holder = PbSpan()
         _set_attributes(holder.attributes, attributes)
-        encoded = _OTLP_ATTRIBUTES[key] = holder.SerializeToString()
+        encoded = _remember(_OTLP_ATTRIBUTES, key, holder.SerializeToString())
     return encoded
 
 
