@@ -494,3 +494,125 @@ def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.Monk
         handles[0].span_id.to_bytes(8, "big"),
         handles[1].span_id.to_bytes(8, "big"),
     }
+
+
+@pytest.mark.parametrize("path", ["lines", "otlp", "sdk"])
+def test_shipping_hands_the_gil_over_every_few_records(
+    path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog is shipped in stretches of `SHIP_YIELD_EVERY` records with the GIL handed
+    over between them (else the event loop waits a whole switch interval, 5 ms, each
+    time it comes back from epoll during a flush), on each of the three shipping paths."""
+    from monitoring import tracing
+    from monitoring.tracing import OtlpPayloadExporter
+
+    class Payloads(OtlpPayloadExporter):
+        def export_payload(self, payload: bytes, spans: int) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    exporter: SpanExporter
+    processors: list[SpanProcessor] = []
+    if path == "lines":
+        exporter = JsonLinesSpanExporter(tmp_path / "spans.jsonl")
+    elif path == "otlp":
+        exporter = Payloads()
+    else:  # an SDK span processor takes the general path
+        exporter, processors = MemoryExporter(), [Ended()]
+    tracer = RequestTracer(
+        TracingSettings(flush_interval_s=3600), processors=processors, exporter=exporter
+    )
+    left_at_handover: list[int] = []
+    monkeypatch.setattr(
+        tracing, "_hand_over_gil", lambda: left_at_handover.append(len(tracer._records))
+    )
+    try:
+        for _ in range(100):
+            finish(tracer, tracer.begin(None))
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    every = tracing.SHIP_YIELD_EVERY
+    assert 1 < every < 100
+    # Handed over each time before taking record number every, 2 * every, ... (1-based).
+    assert left_at_handover == [100 - k * every + 1 for k in range(1, 100 // every + 1)]
+    assert tracer.exported_spans == 100 * 4
+
+
+def test_flush_waits_for_what_the_shipper_thread_already_took() -> None:
+    """`flush` returns only once every record so far is exported, including those the
+    shipper thread took and is still exporting."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking(MemoryExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            entered.set()
+            assert release.wait(30)
+            return super().export(spans)
+
+    exporter = Blocking()
+    tracer = RequestTracer(
+        TracingSettings(flush_interval_s=0.01), processors=[Ended()], exporter=exporter
+    )
+    try:
+        finish(tracer, tracer.begin(None))
+        assert entered.wait(30)  # the shipper thread holds the record, in export
+        assert not tracer._records
+        flusher = threading.Thread(target=tracer.flush)
+        flusher.start()
+        flusher.join(0.2)
+        still_waiting = flusher.is_alive()
+        release.set()
+        flusher.join(30)
+        assert still_waiting and not flusher.is_alive()
+        assert len(exporter.spans) == 4
+    finally:
+        release.set()
+        tracer.shutdown()
+
+
+def test_a_backlog_is_written_to_the_file_in_bounded_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each write of the file's fast path is about `LINES_WRITE_CHARS` (the join and the
+    encoding hold the GIL), its first line carries the resource, and nothing is lost."""
+    from monitoring import tracing
+
+    class Writes(JsonLinesSpanExporter):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> SpanExportResult:
+            self.writes.append(text)
+            return super().write(text)
+
+    monkeypatch.setattr(tracing, "LINES_WRITE_CHARS", 4096)
+    exporter = Writes(tmp_path / "spans.jsonl")
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=exporter)
+    try:
+        handles = [tracer.begin(None) for _ in range(100)]
+        for handle in handles:
+            finish(tracer, handle)  # 4 spans each
+        batch = ExecutedBatch(
+            name="digits/1", inputs={}, outputs=None, samples=4, padded_samples=4,
+            member_samples=[2, 2], traces=[handles[0].link, handles[1].link], start_ns=1_500,
+            end_ns=1_800, error=None,
+        )  # fmt: skip
+        tracer.record_batch("digits", "1", batch)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    assert len(exporter.writes) > 1
+    longest_request = max(len(line) for w in exporter.writes for line in w.splitlines()) * 4
+    assert all(len(w) < 4096 + longest_request + 4 for w in exporter.writes)
+    for text in exporter.writes:
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert lines[0]["resource"]["service.name"]
+        assert all(line["resource"] == {} for line in lines[1:])
+    spans = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+    assert len(spans) == 100 * 4 + 2 and tracer.exported_spans == len(spans)
+    assert {s["span_id"] for s in spans if s["kind"] == "SERVER"} == {
+        f"{h.span_id:016x}" for h in handles
+    }
