@@ -1,7 +1,7 @@
 """What monitoring costs: `mlp64` throughput at concurrency 32 with each monitoring setting.
 
     python -m loadtests.monitoring_overhead [--runs 3] [--concurrency 32] [--otlp]
-        [--only SETTING ...]
+        [--only SETTING ...] [--server-cpus 0|all|LIST]
 
 Serves a fresh `mlp64` repository (with a drift block and a reference profile, so drift
 runs too) once per setting and round, and drives it with perf_analyzer, which sends 256
@@ -13,8 +13,13 @@ inputs drawn from the reference distribution in turn (so drift raises no alert):
   request exported to the JSON-lines file;
 - `tracing 100% otlp` (with `--otlp`): traced to an OTLP/gRPC receiver in this process.
 
-Settings alternate within each round so drift in the box's load hits them alike. Prints
-the median throughput and p99 per setting and its ratio to `off`; writes JSON.
+Settings alternate within each round so drift in the box's load hits them alike. On a
+2-core box one server process's throughput can differ from the next one's by tens of
+percent (where the scheduler puts the event loop, grpc's poller thread and perf_analyzer);
+`--server-cpus 0` pins each server to CPU 0 (perf_analyzer and the OTLP receiver stay
+unpinned), which narrowed that spread in one test (BENCHMARKS.md, "Monitoring overhead");
+`loadtests.monitoring_paired` compares within one process instead. Prints the median
+throughput and p99 per setting and its ratio to `off`; writes JSON.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from typing import Any
 import numpy as np
 
 from batchwire.config import DriftConfig, load_model_config, write_model_config
-from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, launch_server, run_perf_analyzer
+from loadtests.perf_analyzer import (
+    DEFAULT_TOOL,
+    ROOT,
+    launch_server,
+    parse_cpus,
+    pin_process,
+    run_perf_analyzer,
+)
 from trainer.mlp64 import create_mlp64
 
 #: The overhead targets of issue #5, as the smallest throughput ratio to `off`.
@@ -78,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SETTING",
         help="run only these settings (e.g. off 'tracing 100%% file'); `off` is always run",
     )
+    parser.add_argument(
+        "--server-cpus",
+        default="all",
+        help="CPUs to pin each server to, e.g. 0 or 0,1; `all`: no pinning (the default)",
+    )
     parser.add_argument("--tool", type=Path, default=DEFAULT_TOOL)
     parser.add_argument(
         "--out", type=Path, default=ROOT / "loadtests" / "results" / "monitoring_overhead.json"
     )
     args = parser.parse_args(argv)
+    try:
+        server_cpus = parse_cpus(args.server_cpus)
+    except ValueError as exc:
+        parser.error(f"--server-cpus: {exc}")
 
     work = Path(tempfile.mkdtemp(prefix="batchwire-overhead-"))
     repository = work / "repo"
@@ -112,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             for name, extra in settings.items():
                 proc, address, _ = launch_server(repository, *extra)
                 try:
+                    if server_cpus is not None:
+                        pin_process(proc.pid, server_cpus)
                     result = run_perf_analyzer(
                         args.tool, address, args.concurrency, args.interval_ms, model="mlp64",
                         input_data=input_data,
@@ -140,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no stable measurement of the baseline", file=sys.stderr)
         return 1
     base = statistics.median(r["throughput_infer_s"] for r in runs["off"])
+    pinned = "not pinned" if server_cpus is None else f"pinned to CPU {args.server_cpus}"
     print(
         f"mlp64, perf_analyzer -b 1 --concurrency-range {args.concurrency}, "
-        f"median of the stable runs of {args.runs} per setting"
+        f"median of the stable runs of {args.runs} per setting; server {pinned}"
     )
     print(f"{'setting':>20} {'infer/s':>9} {'p99 ms':>7} {'vs off':>7} {'target':>7}")
     table = []
@@ -162,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
              "ratio_vs_off": ratio, "target_ratio": target, "runs": results,
              "unstable_runs": unstable[name]}
         )  # fmt: skip
-    write_results(args.out, "loadtests.monitoring_overhead", argv, results=table)
+    write_results(
+        args.out, "loadtests.monitoring_overhead", argv, server_cpus=args.server_cpus,
+        results=table,
+    )  # fmt: skip
     return 0
 
 

@@ -141,6 +141,35 @@ def launch_server(repository: Path, *extra: str) -> tuple[subprocess.Popen[str],
     return proc, line.split()[3], line.split("models:", 1)[1].split(";", 1)[0].strip()
 
 
+def pin_process(pid: int, cpus: set[int]) -> None:
+    """Confine every thread of process `pid` to `cpus` (threads it starts later inherit
+    the pinning of the thread that starts them).
+
+    For `monitoring_overhead --server-cpus`: on a 2-core box shared with perf_analyzer,
+    one unpinned server process's throughput can differ from the next one's (same
+    setting) by tens of percent, depending on where the scheduler puts the event loop,
+    grpc's poller thread and perf_analyzer (BENCHMARKS.md, "Monitoring overhead").
+    """
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+def parse_cpus(text: str) -> set[int] | None:
+    """`--server-cpus` values: `all` (no pinning, None) or a comma-separated list of CPUs
+    this machine has (e.g. `0` or `0,1`).
+
+    Raises:
+        ValueError: not `all`, not a list of integers, or a CPU this process cannot use.
+    """
+    if text == "all":
+        return None
+    cpus = {int(part) for part in text.split(",")}
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise ValueError(f"CPUs {sorted(cpus)} are not all among those available {sorted(allowed)}")
+    return cpus
+
+
 def start_server(repository: Path) -> tuple[subprocess.Popen[str], str]:
     """Start `batchwire serve --port 0` and return it with its address."""
     proc, address, _ = launch_server(repository)
