@@ -212,6 +212,11 @@ class DriftConfig(BaseModel):
     """PSI above this fires the drift alert."""
     confidence_output: str | None = None
     """Output holding class probabilities; its top-class confidence is monitored too."""
+    max_samples_per_s: float = Field(default=1000.0, ge=0)
+    """At most about this many samples a second join the window (whole requests or
+    batches, taken while the budget lasts; 0 = every sample). Above that rate the window
+    spans `window_samples / max_samples_per_s` seconds or more instead of the last
+    fraction of a second, and the requests that are not taken cost one clock read."""
 
 
 class AutoscalingConfig(BaseModel):

@@ -25,7 +25,8 @@ their reference share is 0. Bins are right-closed: bin i holds (edges[i-1], edge
 0.1-0.25 a moderate shift (`warn`), above 0.25 a significant one (`alert`).
 
 **Server side.** `DriftMonitor.observe` only appends references to a batch's arrays to a
-bounded deque under a lock (about 1 µs); `scores` / `evaluate` histogram the last
+deque (about 0.5 µs), at most about `max_samples_per_s` samples a second (a token bucket:
+at higher rates the rest cost a clock read); `scores` / `evaluate` histogram the last
 `window_samples` samples on demand, vectorised, off the event loop (the monitoring hub
 evaluates once a second in a thread). Each change of a group's state is logged once as a
 JSON event (logger `monitoring.drift`); `DriftCollector` exports the scores to Prometheus.
@@ -372,6 +373,12 @@ class DriftMonitor:
         self.config = config
         self._clock = clock
         self._window_limit = config.window_samples
+        self._rate = config.max_samples_per_s
+        # The sample budget (a token bucket holding up to one second's worth) and when it
+        # was last refilled. NOTE: updated without a lock by concurrent observers (the
+        # loop, engine threads): a lost update admits a batch more or less, nothing worse.
+        self._budget = self._rate
+        self._refilled_s = clock()
         self._confidence_output = config.confidence_output if profile.confidence else None
         self._lock = threading.Lock()
         self._window: deque[_Entry] = deque()
@@ -389,7 +396,8 @@ class DriftMonitor:
 
     # ------------------------------------------------------------ hot path
     def observe(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
-        """Add one executed batch (or one CPU-lane request) to the window.
+        """Add one executed batch (or one CPU-lane request) to the window, unless the
+        `max_samples_per_s` budget is spent (then it is skipped whole).
 
         Thread-safe and cheap: one `deque.append` (atomic) of references to the arrays
         (the caller must not reuse them); readers fold what is pending into the window
@@ -399,10 +407,19 @@ class DriftMonitor:
         first = next(iter(inputs.values()), None)
         if first is None or not first.ndim:
             return
-        name = self._confidence_output
+        now = self._clock()
         n = len(first)
+        rate = self._rate
+        if rate:  # the token bucket: a batch is taken whole while any budget is left
+            budget = min(rate, self._budget + (now - self._refilled_s) * rate)
+            self._refilled_s = now
+            if budget <= 0:
+                self._budget = budget
+                return
+            self._budget = budget - n
+        name = self._confidence_output
         pending = self._pending
-        pending.append((inputs, None if name is None else outputs.get(name), n, self._clock()))
+        pending.append((inputs, None if name is None else outputs.get(name), n, now))
         # About a window's worth pending (entries of this size): fold, so that what is
         # kept stays near two windows even when nothing reads (batches of 256 fold at 8).
         if len(pending) * n >= self._window_limit:
@@ -638,7 +655,7 @@ class DriftCollector(Collector):
         )
         observed = CounterMetricFamily(
             "batchwire_drift_observed_samples",
-            "Samples the drift monitor has observed",
+            "Samples taken into the drift window (at most max_samples_per_s a second)",
             labels=["model", "version"],
         )
         for monitor in self.monitors():

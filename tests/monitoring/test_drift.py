@@ -244,7 +244,7 @@ def test_unread_observations_are_folded_into_the_window_as_they_come(
 
 
 def test_observe_is_thread_safe(profile: ReferenceProfile, x_test: np.ndarray) -> None:
-    config = DriftConfig(window_samples=500, min_samples=10)
+    config = DriftConfig(window_samples=500, min_samples=10, max_samples_per_s=0)  # take all
     monitor = DriftMonitor("digits", "1", profile, config)
     sizes = (1, 3, 7, 16)  # one batch size per thread
     calls = 400
@@ -276,6 +276,43 @@ def test_observe_is_thread_safe(profile: ReferenceProfile, x_test: np.ndarray) -
     assert monitor.observed_total == calls * sum(sizes)
     assert monitor.window_samples == 500
     assert sum(len(a) for a in monitor.window_arrays("INPUT")) == 500
+
+
+def test_at_most_max_samples_per_s_join_the_window(
+    profile: ReferenceProfile, x_test: np.ndarray
+) -> None:
+    """A token bucket of one second's worth: requests beyond the rate are skipped whole,
+    a batch is taken whole while any budget is left, and the budget refills with time."""
+    clock = FakeClock()
+    config = DriftConfig(window_samples=1000, min_samples=10, max_samples_per_s=100)
+    monitor = DriftMonitor("digits", "1", profile, config, clock=clock)
+    one = {"INPUT": x_test[:1]}
+    for _ in range(500):  # a burst at one instant: one second's budget
+        monitor.observe(one, {})
+    assert monitor.observed_total == 100
+    clock.now_s += 0.5  # half a second refills half the budget
+    for _ in range(500):
+        monitor.observe(one, {})
+    assert monitor.observed_total == 150
+    clock.now_s += 10.0  # the budget holds one second's worth, no more
+    for _ in range(500):
+        monitor.observe(one, {})
+    assert monitor.observed_total == 250
+    clock.now_s += 0.01  # one sample's budget: a batch of 256 is taken whole ...
+    monitor.observe({"INPUT": x_test[:256]}, {})
+    assert monitor.observed_total == 506
+    clock.now_s += 2.5  # ... and leaves a debt of 255 samples, 2.55 s to pay back
+    monitor.observe(one, {})
+    assert monitor.observed_total == 506
+    clock.now_s += 0.1
+    monitor.observe(one, {})
+    assert monitor.observed_total == 507
+    everything = DriftMonitor(
+        "digits", "1", profile, config.model_copy(update={"max_samples_per_s": 0}), clock=clock
+    )
+    for _ in range(500):  # 0: every sample
+        everything.observe(one, {})
+    assert everything.observed_total == 500
 
 
 def test_variable_shapes_in_one_window_are_scored() -> None:
@@ -313,7 +350,8 @@ def synthetic_monitor(clock: FakeClock) -> tuple[DriftMonitor, Callable[[float],
     with samples shifted by `mu` standard deviations (PSI grows about as mu**2)."""
     rng = np.random.default_rng(1)
     built = build_profile({"X": rng.normal(0.0, 1.0, (20_000, 1))}, None)
-    config = DriftConfig(window_samples=2000, min_samples=100)
+    # Every sample taken: each `fill` replaces the whole window, however close in time.
+    config = DriftConfig(window_samples=2000, min_samples=100, max_samples_per_s=0)
     monitor = DriftMonitor("m", "7", built, config, clock=clock)
 
     def fill(mu: float) -> None:
