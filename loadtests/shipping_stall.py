@@ -74,10 +74,12 @@ def measure(records: int, flushes: int, work: Path) -> dict[str, list[dict[str, 
                     shipper = threading.Thread(target=tracer.flush)
                     started = time.perf_counter()
                     shipper.start()
-                    while shipper.is_alive():
+                    while True:  # at least one wait, however short the flush
                         before = time.perf_counter_ns()
                         select.select([read_end], [], [], 0.0001)
                         waits.append(time.perf_counter_ns() - before)
+                        if not shipper.is_alive():
+                            break
                     shipper.join()
                 out.setdefault(name, []).append(
                     {"flush_ms": (time.perf_counter() - started) * 1000,
