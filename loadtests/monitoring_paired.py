@@ -49,7 +49,7 @@ from typing import IO, Any
 import numpy as np
 
 from loadtests.monitoring_overhead import TARGETS, mlp64_with_drift, write_results
-from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, perf_analyzer_command
+from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, launch_module, perf_analyzer_command
 
 MODEL = "mlp64"
 
@@ -171,16 +171,11 @@ def summarize(pairs: list[tuple[Phase, Phase]], *, resamples: int = 2000) -> dic
 
 def start_sink(bound_s: float) -> tuple[subprocess.Popen[str], str]:
     """An OTLP receiver in its own process (counting spans only); it and its endpoint."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtests.otlp_sink", "--port", "0", "--seconds", str(bound_s)],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    proc, line = launch_module(
+        ["loadtests.otlp_sink", "--port", "0", "--seconds", str(bound_s)], "OTLP sink on",
+        "the OTLP sink",
     )  # fmt: skip
     assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "OTLP sink on" not in line:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"the OTLP sink did not start: {line!r}")
     _drain(proc.stdout)  # its spans-per-second lines must not fill the pipe
     return proc, line.split()[-1]
 

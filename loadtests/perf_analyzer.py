@@ -127,18 +127,31 @@ def launch_server(repository: Path, *extra: str) -> tuple[subprocess.Popen[str],
     Raises:
         RuntimeError: the server exits or prints something else first (it is killed).
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchwire", "--log-level", "WARNING", "serve",
-         "--model-repository", str(repository), "--port", "0", "--metrics-port", "0", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    proc, line = launch_module(
+        ["batchwire", "--log-level", "WARNING", "serve", "--model-repository", str(repository),
+         "--port", "0", "--metrics-port", "0", *extra],
+        "serving on", "server",
     )  # fmt: skip
+    return proc, line.split()[3], line.split("models:", 1)[1].split(";", 1)[0].strip()
+
+
+def launch_module(args: list[str], ready: str, what: str) -> tuple[subprocess.Popen[str], str]:
+    """Start `python -m ARGS...` in the repository and read its first line, which must
+    contain `ready`; return the process (its stdout still open) and that line.
+
+    Raises:
+        RuntimeError: it exits or prints something else first (it is killed).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    if "serving on" not in line:
+    if ready not in line:
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, line.split()[3], line.split("models:", 1)[1].split(";", 1)[0].strip()
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return proc, line
 
 
 def pin_process(pid: int, cpus: set[int]) -> None:

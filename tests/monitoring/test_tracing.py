@@ -442,6 +442,25 @@ def test_request_records_hold_no_object_the_cycle_collector_tracks(
         tracer.shutdown()
 
 
+def ship_backlog(tracer: RequestTracer) -> list[TraceHandle]:
+    """Record 100 requests (4 spans each: server, decode, queue, encode) and one batch of
+    the first two (2 spans), flush, shut the tracer down; the requests' handles."""
+    try:
+        handles = [tracer.begin(None) for _ in range(100)]
+        for handle in handles:
+            finish(tracer, handle)
+        batch = ExecutedBatch(
+            name="digits/1", inputs={}, outputs=None, samples=4, padded_samples=4,
+            member_samples=[2, 2], traces=[handles[0].link, handles[1].link], start_ns=1_500,
+            end_ns=1_800, error=None,
+        )  # fmt: skip
+        tracer.record_batch("digits", "1", batch)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    return handles
+
+
 def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
@@ -461,19 +480,7 @@ def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.Monk
     monkeypatch.setattr(tracing, "OTLP_PAYLOAD_BYTES", 4096)
     exporter = Payloads()
     tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=exporter)
-    try:
-        handles = [tracer.begin(None) for _ in range(100)]
-        for handle in handles:
-            finish(tracer, handle)  # 4 spans each: server, decode, queue, encode
-        batch = ExecutedBatch(
-            name="digits/1", inputs={}, outputs=None, samples=4, padded_samples=4,
-            member_samples=[2, 2], traces=[handles[0].link, handles[1].link], start_ns=1_500,
-            end_ns=1_800, error=None,
-        )  # fmt: skip
-        tracer.record_batch("digits", "1", batch)
-        tracer.flush()
-    finally:
-        tracer.shutdown()
+    handles = ship_backlog(tracer)
     assert len(exporter.payloads) > 1
     requests = [ExportTraceServiceRequest.FromString(p) for p, _ in exporter.payloads]
     spans = [s for r in requests for s in r.resource_spans[0].scope_spans[0].spans]
@@ -591,19 +598,7 @@ def test_a_backlog_is_written_to_the_file_in_bounded_pieces(
     monkeypatch.setattr(tracing, "LINES_WRITE_CHARS", 4096)
     exporter = Writes(tmp_path / "spans.jsonl")
     tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=exporter)
-    try:
-        handles = [tracer.begin(None) for _ in range(100)]
-        for handle in handles:
-            finish(tracer, handle)  # 4 spans each
-        batch = ExecutedBatch(
-            name="digits/1", inputs={}, outputs=None, samples=4, padded_samples=4,
-            member_samples=[2, 2], traces=[handles[0].link, handles[1].link], start_ns=1_500,
-            end_ns=1_800, error=None,
-        )  # fmt: skip
-        tracer.record_batch("digits", "1", batch)
-        tracer.flush()
-    finally:
-        tracer.shutdown()
+    handles = ship_backlog(tracer)
     assert len(exporter.writes) > 1
     longest_request = max(len(line) for w in exporter.writes for line in w.splitlines()) * 4
     assert all(len(w) < 4096 + longest_request + 4 for w in exporter.writes)
