@@ -458,7 +458,7 @@ class DriftMonitor:
 
     @property
     def observed_total(self) -> int:
-        """Samples observed since the monitor started."""
+        """Samples taken into the window since the monitor started (`max_samples_per_s`)."""
         with self._lock:
             self._fold()
             return self._observed
