@@ -6,7 +6,7 @@
 `monitoring_overhead` starts one server process per setting and round. On this shared
 2-core box that mixes two kinds of noise into its ratios: one server process runs tens of
 percent faster or slower than the next (where the scheduler puts the event loop, grpc's
-poller thread and perf_analyzer), and the host's speed drifts over tens of seconds. This
+poller thread and perf_analyzer), and the host's speed drifts from second to second. This
 benchmark takes both out: for each setting it starts one server *in this process* (built
 as `batchwire serve` builds it, metrics endpoint included) and, while perf_analyzer keeps
 `mlp64` at concurrency 32 for the whole run, switches the setting's monitoring on and off
@@ -15,8 +15,9 @@ to each other in time (on-off, then off-on, alternating); a phase's throughput i
 model's statistics counted during it over its length, and each pair gives one ratio.
 
 - Switching off detaches the monitoring from the front door and from the versions'
-  observers: exactly the per-request work that `--no-monitoring` leaves out (SLO records,
-  drift observations, trace records, batch spans).
+  observers: the per-request work that `--no-monitoring` leaves out (SLO records, drift
+  observations, trace records) for mlp64, whose requests all take the inline CPU lane
+  (a batcher keeps the observer it was built with: batch spans would not switch off).
 - A traced phase ends only once its spans are shipped (`tracer.flush` in a worker thread
   while requests go on; the time it takes counts in the phase), so the shipping of a
   phase's spans is charged to that phase, and the next phase starts with nothing pending.
