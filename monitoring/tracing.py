@@ -492,7 +492,8 @@ class RequestTracer:
     # ------------------------------------------------------------ shipper thread
     def flush(self) -> None:
         """Ship everything recorded so far now (blocks until exported, including what the
-        shipper thread had already taken)."""
+        shipper thread had already taken): `_ship` under the ship lock, the one way in
+        for the thread, `shutdown` and callers alike."""
         with self._ship_lock:
             self._ship()
 
@@ -501,8 +502,7 @@ class RequestTracer:
         self._stopping = True
         self._wake.set()
         self._thread.join()
-        with self._ship_lock:
-            self._ship()
+        self.flush()
         self.exporter.shutdown()
         for processor in self.processors:
             processor.shutdown()
@@ -512,8 +512,7 @@ class RequestTracer:
         while not self._stopping:
             self._wake.wait(interval)
             try:
-                with self._ship_lock:
-                    self._ship()
+                self.flush()
             except Exception:  # a broken exporter must not kill the thread
                 logger.exception("trace shipping failed")
 
@@ -584,10 +583,11 @@ class RequestTracer:
                 spans += count
             else:
                 batch = self._batch_spans(record)
-                chunks.append(span_line(batch[0], "{}" if chunks else resource_json))
-                chunks.extend(map(span_line, batch[1:]))
-                size += sum(map(len, chunks[-len(batch) :]))
-                spans += len(batch)
+                lines = [span_line(batch[0], "{}" if chunks else resource_json)]
+                lines.extend(map(span_line, batch[1:]))
+                chunks.extend(lines)
+                size += sum(map(len, lines))
+                spans += len(lines)
             if size >= LINES_WRITE_CHARS:
                 write()
                 chunks.clear()

@@ -21,6 +21,7 @@ from batchwire.types import RequestTiming
 from monitoring import spans as S
 from monitoring.tracing import (
     JsonLinesSpanExporter,
+    OtlpPayloadExporter,
     RequestTracer,
     SpanData,
     TraceHandle,
@@ -38,6 +39,17 @@ class MemoryExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         self.spans.extend(spans)
+        return SpanExportResult.SUCCESS
+
+
+class Payloads(OtlpPayloadExporter):
+    """Keeps the OTLP payloads the tracer's fast path exports, with their span counts."""
+
+    def __init__(self) -> None:
+        self.payloads: list[tuple[bytes, int]] = []
+
+    def export_payload(self, payload: bytes, spans: int) -> SpanExportResult:
+        self.payloads.append((payload, spans))
         return SpanExportResult.SUCCESS
 
 
@@ -467,15 +479,6 @@ def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.Monk
     )
 
     from monitoring import tracing
-    from monitoring.tracing import OtlpPayloadExporter
-
-    class Payloads(OtlpPayloadExporter):
-        def __init__(self) -> None:
-            self.payloads: list[tuple[bytes, int]] = []
-
-        def export_payload(self, payload: bytes, spans: int) -> SpanExportResult:
-            self.payloads.append((payload, spans))
-            return SpanExportResult.SUCCESS
 
     monkeypatch.setattr(tracing, "OTLP_PAYLOAD_BYTES", 4096)
     exporter = Payloads()
@@ -511,11 +514,6 @@ def test_shipping_hands_the_gil_over_every_few_records(
     over between them (else the event loop waits a whole switch interval, 5 ms, each
     time it comes back from epoll during a flush), on each of the three shipping paths."""
     from monitoring import tracing
-    from monitoring.tracing import OtlpPayloadExporter
-
-    class Payloads(OtlpPayloadExporter):
-        def export_payload(self, payload: bytes, spans: int) -> SpanExportResult:
-            return SpanExportResult.SUCCESS
 
     exporter: SpanExporter
     processors: list[SpanProcessor] = []
