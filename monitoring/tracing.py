@@ -267,9 +267,9 @@ LINES_WRITE_CHARS: Final = 1 << 16
 #: encoding). While a thread holds the GIL, the event loop, coming back from a wait that
 #: released it (epoll), waits until that thread lets go: up to the switch interval, 5 ms.
 #: A thread doing 100 µs waits during a flush of 2,000 records to the file waited at most
-#: 5.4-6.7 ms per flush with one write and no hand-over, 0.8-1.7 ms with writes of
-#: `LINES_WRITE_CHARS`, 0.4-0.5 ms (once 1.4) with the hand-over as well (BENCHMARKS.md,
-#: "Monitoring overhead").
+#: 5.4-6.1 ms per flush with one write and no hand-over, 0.3-0.6 ms (once 2.9) with writes
+#: of `LINES_WRITE_CHARS`, 0.27-0.39 ms with the hand-over as well
+#: (`python -m loadtests.shipping_stall`; BENCHMARKS.md, "Monitoring overhead").
 SHIP_YIELD_EVERY: Final = 32
 
 
