@@ -8,8 +8,9 @@ loop goes on serving. Whenever the loop comes back from a wait that released the
 interval (5 ms) if the shipper never does. This measures that directly: this thread plays
 the loop (100 µs `select` waits, back to back) while another thread runs
 `RequestTracer.flush` on `--records` CPU-lane request records, and reports the longest
-and median time one of its waits took, for the tracer as it is and with its two
-GIL-releasing measures taken out (`tracing.SHIP_YIELD_EVERY`, `tracing.LINES_WRITE_CHARS`).
+and median time one of its waits took, for the tracer as it is and with its GIL-releasing
+measure taken out: the whole backlog in one chunk, with no hand-over
+(`tracing.SHIP_CHUNK`, `tracing._hand_over_gil`).
 """
 
 from __future__ import annotations
@@ -30,27 +31,25 @@ from typing import Any
 from loadtests.monitoring_overhead import write_results
 from loadtests.perf_analyzer import ROOT
 
-#: Variants: (name, hand the GIL over every SHIP_YIELD_EVERY records, write in pieces).
+#: Variants: (name, ship in chunks of SHIP_CHUNK records with the GIL handed over between).
 VARIANTS = (
-    ("one write, no hand-over", False, False),
-    ("pieces, no hand-over", False, True),
-    ("as shipped", True, True),
+    ("one chunk, no hand-over", False),
+    ("as shipped", True),
 )
 
 
 @contextmanager
-def _variant(hand_over: bool, pieces: bool) -> Iterator[None]:
+def _variant(chunks: bool) -> Iterator[None]:
     from monitoring import tracing
 
-    saved = tracing._hand_over_gil, tracing.LINES_WRITE_CHARS
-    if not hand_over:
+    saved = tracing._hand_over_gil, tracing.SHIP_CHUNK
+    if not chunks:
         tracing._hand_over_gil = lambda: None
-    if not pieces:
-        tracing.LINES_WRITE_CHARS = 1 << 62  # type: ignore[misc]
+        tracing.SHIP_CHUNK = 1 << 62  # type: ignore[misc]
     try:
         yield
     finally:
-        tracing._hand_over_gil, tracing.LINES_WRITE_CHARS = saved  # type: ignore[misc]
+        tracing._hand_over_gil, tracing.SHIP_CHUNK = saved  # type: ignore[misc]
 
 
 def measure(records: int, flushes: int, work: Path) -> dict[str, list[dict[str, float]]]:
@@ -65,12 +64,12 @@ def measure(records: int, flushes: int, work: Path) -> dict[str, list[dict[str, 
     out: dict[str, list[dict[str, float]]] = {}
     try:
         for _ in range(flushes):
-            for name, hand_over, pieces in VARIANTS:
+            for name, chunks in VARIANTS:
                 for _ in range(records):
                     tracer.end_request(tracer.begin(None), method, "mlp64", "1", "cpu", 1, "",
                                        "OK", 1_000, 1_500, timing, 1_800, 2_000)  # fmt: skip
                 waits: list[int] = []
-                with _variant(hand_over, pieces):
+                with _variant(chunks):
                     shipper = threading.Thread(target=tracer.flush)
                     started = time.perf_counter()
                     shipper.start()

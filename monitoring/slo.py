@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress
 from operator import itemgetter
 from typing import Any, Final
 
@@ -72,6 +73,8 @@ _BINS: Final = len(_LATENCY_BOUNDS_S) + 1  # the last bin: above the largest bou
 _LATENCY_BOUNDS: Final = np.asarray(_LATENCY_BOUNDS_S)
 #: Pending records past which `record` counts them itself (bounds memory without readers).
 _FOLD_AT: Final = 4096
+#: Pending `record_many` calls past which it counts them itself.
+_FOLD_MANY_AT: Final = 16
 
 
 def window_label(seconds: float) -> str:
@@ -186,9 +189,9 @@ class _ModelWindows:
 
 def _count_records(
     windows: _ModelWindows,
-    latencies: Sequence[float],
-    statuses: Sequence[str],
-    times: Sequence[float],
+    latencies: Sequence[float] | np.ndarray,
+    statuses: list[str],
+    times: Sequence[float] | np.ndarray,
 ) -> None:
     """Count one model's records (in the order they were recorded) into its buckets."""
     latency = np.asarray(latencies, dtype=np.float64)
@@ -254,6 +257,8 @@ class SloMonitor:
         self._lock = threading.Lock()
         self._pending: deque[tuple[str, float, str, float]] = deque()
         """Records not yet counted (`_fold`): model, latency, status, time."""
+        self._pending_many: deque[tuple[Sequence[str], np.ndarray, Sequence[str], float]] = deque()
+        """`record_many` calls not yet counted: models, latencies, statuses, time."""
         self._models: dict[str, _ModelWindows] = {}
         self._firing: dict[tuple[str, str, str], AlertState] = {}
         for model, slo in objectives.items():
@@ -303,6 +308,23 @@ class SloMonitor:
             with self._lock:
                 self._fold()
 
+    def record_many(
+        self, models: Sequence[str], latencies_s: np.ndarray, statuses: Sequence[str]
+    ) -> None:
+        """`record` of several requests that finished now, in one `deque.append` (the
+        tracer's shipper: a chunk at a time, counted as columns by `_fold`).
+
+        Args:
+            models: each request's model.
+            latencies_s: their latencies (float64), in the same order.
+            statuses: their gRPC status names, in the same order.
+        """
+        pending = self._pending_many
+        pending.append((models, latencies_s, statuses, self._clock()))
+        if len(pending) >= _FOLD_MANY_AT:
+            with self._lock:
+                self._fold()
+
     def _fold(self) -> None:
         """Count the pending records into their models' buckets (with `_lock` held).
 
@@ -311,20 +333,42 @@ class SloMonitor:
         per model: the ring moves once to the newest bucket, then each record counts in its
         own bucket unless the ring has left it behind.
         """
-        pending = self._pending
+        pending, many = self._pending, self._pending_many
         # NOTE: `popleft` until the count taken, not a copy and `clear`: record() may
         # append meanwhile (deque operations are atomic), and nothing appended may be lost.
         records = [pending.popleft() for _ in range(len(pending))]
-        if not records:
+        batches = [many.popleft() for _ in range(len(many))]
+        if not records and not batches:
             return
         names = set(map(itemgetter(0), records))
+        for models, *_ in batches:
+            if models.count(models[0]) == len(models):
+                names.add(models[0])
+            else:
+                names.update(models)
         for name in names:
             windows = self._models.get(name)
             if windows is None:
                 continue
+            latencies: list[np.ndarray] = []
+            statuses: list[str] = []
+            times: list[np.ndarray] = []
             group = records if len(names) == 1 else [r for r in records if r[0] == name]
-            _, latencies, statuses, times = zip(*group, strict=True)
-            _count_records(windows, latencies, statuses, times)
+            if group:
+                _, group_latencies, group_statuses, group_times = zip(*group, strict=True)
+                latencies.append(np.asarray(group_latencies, np.float64))
+                statuses += group_statuses
+                times.append(np.asarray(group_times, np.float64))
+            for models, batch_latencies, batch_statuses, now in batches:
+                if len(names) == 1:
+                    latencies.append(batch_latencies)
+                    statuses += batch_statuses
+                else:
+                    chosen = np.fromiter(map(name.__eq__, models), bool, len(models))
+                    latencies.append(batch_latencies[chosen])
+                    statuses += compress(batch_statuses, chosen)
+                times.append(np.full(len(latencies[-1]), now))
+            _count_records(windows, np.concatenate(latencies), statuses, np.concatenate(times))
 
     def burn_rates(self, model: str, now_s: float | None = None) -> dict[str, dict[float, float]]:
         """SLI -> window length -> burn rate, for every window the model's rules use."""
@@ -443,6 +487,12 @@ class SloSpanProcessor(RequestSpanProcessor):
 
     def on_request_end(self, model: str, status: str, duration_ns: int) -> None:
         self.monitor.record(model, duration_ns / 1e9, status)
+
+    def on_requests_end(
+        self, models: Sequence[str], statuses: Sequence[str], durations_ns: Sequence[int]
+    ) -> None:
+        latencies_s = np.asarray(durations_ns, np.float64) / 1e9
+        self.monitor.record_many(models, latencies_s, statuses)
 
 
 class SloCollector(Collector):

@@ -6,13 +6,15 @@ a small model. Instead the event loop appends one compact record per request (id
 timestamps, attributes: about 2 µs) and the engine threads one per batch; a shipper thread
 turns them, every `flush_interval_s`, straight into what the exporter sends: JSON lines for
 the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
-`OTLP_PAYLOAD_BYTES`). What surrounds a request's ids, times and request id is compiled
-once per request shape (method, model, status, which child spans...): a `struct` layout
-for OTLP (`_otlp_layout`), a `%` template for JSON lines (`_line_layout`), so a request
-with four spans costs one pack (about 4.5 µs) or one format (about 6 µs, plus the write),
-where building SDK `ReadableSpan`s and converting them cost 50 µs. `RequestSpanProcessor`s
-(the SLO monitor's) get each request's fields without any span object; other SDK span
-processors and exporters still work, and get `ReadableSpan`s built for them.
+`OTLP_PAYLOAD_BYTES`). It takes the records `SHIP_CHUNK` at a time and encodes a chunk's
+requests a request shape (method, model, status, which child spans...) at a time: a shape
+compiles once to a fixed-width row of bytes (`span_rows`), and the ids, times and request
+ids of all its requests are converted and filled in with a few numpy calls. A request with
+four spans costs about 1.5 µs so (BENCHMARKS.md, "Monitoring overhead"), where one `%`
+format per request cost 6 µs, one `struct` pack 4.5 µs and building SDK `ReadableSpan`s
+and converting them 50 µs. `RequestSpanProcessor`s (the SLO monitor's) get the requests'
+fields in bulk without any span object; other SDK span processors and exporters still
+work, and get `ReadableSpan`s built for them, one record at a time.
 
 Sampling: a request continuing an incoming W3C `traceparent` follows the parent's sampled
 flag; otherwise a trace-id ratio (like `TraceIdRatioBased`) decides. Every request still
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import os
 import random
 import struct
@@ -34,9 +37,11 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any, Final, NamedTuple, TypeVar, cast
 
+import numpy as np
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -57,6 +62,18 @@ import batchwire
 from batching.batcher import ExecutedBatch
 from batchwire.types import RequestTiming
 from monitoring import spans as S
+from monitoring.span_rows import (
+    EPOCH_NS_RANGE,
+    RowLayout,
+    be64,
+    hex_digits,
+    int_bytes,
+    le64,
+    percent_layout,
+    struct_layout,
+    text_bytes,
+    time_digits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +226,14 @@ class RequestSpanProcessor(SpanProcessor):
         """One finished request: its model, gRPC status name and server-side duration."""
         raise NotImplementedError
 
+    def on_requests_end(
+        self, models: Sequence[str], statuses: Sequence[str], durations_ns: Sequence[int]
+    ) -> None:
+        """Finished requests, in order (the tracer's fast paths hand them over a chunk at
+        a time): `on_request_end` of each unless overridden."""
+        for model, status, duration_ns in zip(models, statuses, durations_ns, strict=True):
+            self.on_request_end(model, status, duration_ns)
+
     def on_end(self, span: ReadableSpan) -> None:
         if span.kind is not SpanKind.SERVER or span.start_time is None or span.end_time is None:
             return
@@ -258,23 +283,21 @@ class OtlpPayloadExporter(SpanDataExporter):
 #: 4 MiB by default; a backlog of records must not become one oversized request).
 OTLP_PAYLOAD_BYTES = 1 << 20
 
-#: The size (characters) past which the tracer writes what it has of a backlog to the
-#: JSON-lines file: joining and encoding the text holds the GIL (one write of 2,000
-#: requests, 2.9 MB, took 3-10 ms).
-LINES_WRITE_CHARS: Final = 1 << 16
+#: Records the fast paths take and encode at once (`_drain_chunks`, `span_rows`): about
+#: 100-250 µs of work with the GIL held, then the GIL is handed over (`_hand_over_gil`);
+#: the file gets one write per chunk (its first line carries the resource).
+SHIP_CHUNK: Final = 256
 
-#: The shipper hands the GIL over (`_hand_over_gil`) after this many records (20-400 µs of
-#: encoding). While a thread holds the GIL, the event loop, coming back from a wait that
-#: released it (epoll), waits until that thread lets go: up to the switch interval, 5 ms.
-#: A thread doing 100 µs waits during a flush of 2,000 records to the file waited at most
-#: 5.4-6.1 ms per flush with one write and no hand-over, 0.3-0.6 ms (once 2.9) with writes
-#: of `LINES_WRITE_CHARS`, 0.27-0.39 ms with the hand-over as well
-#: (`python -m loadtests.shipping_stall`; BENCHMARKS.md, "Monitoring overhead").
+#: The general path (SDK span processors or exporters) hands the GIL over after this many
+#: records (20-400 µs of building spans). While a thread holds the GIL, the event loop,
+#: coming back from a wait that released it (epoll), waits until that thread lets go: up
+#: to the switch interval, 5 ms (`python -m loadtests.shipping_stall`; BENCHMARKS.md,
+#: "Monitoring overhead").
 SHIP_YIELD_EVERY: Final = 32
 
 
 def _hand_over_gil() -> None:
-    """Let a thread waiting for the GIL (the event loop) have it now (`SHIP_YIELD_EVERY`)."""
+    """Let a thread waiting for the GIL (the event loop) have it now (between chunks)."""
     time.sleep(0)
 
 
@@ -311,6 +334,47 @@ _QUEUE_LEFT: Final = 4
 _ENGINE: Final = 8
 _ENCODED: Final = 16
 _SAMPLES_SHIFT: Final = 5
+_SHAPE_BITS: Final = (1 << _SAMPLES_SHIFT) - 1
+
+
+def _phase_rows(shape: int) -> tuple[tuple[int, int], ...]:
+    """The child spans' (start, end) as rows of `_encode_requests`'s times (start 0,
+    decoded 1, queued 2, compute start 3, compute end 4, encode 6, end 7), as
+    `_phase_times` picks them."""
+    pairs: list[tuple[int, int]] = []
+    if shape & _DECODED:
+        pairs.append((0, 1))
+    if shape & _QUEUED:
+        pairs.append((2, 3))
+    elif shape & _QUEUE_LEFT:
+        pairs.append((2, 7))
+    elif shape & _ENGINE:
+        pairs.append((3, 4))
+    if shape & _ENCODED:
+        pairs.append((6, 7))
+    return tuple(pairs)
+
+
+_PHASE_TIMES: Final = tuple(_phase_rows(shape) for shape in range(_SHAPE_BITS + 1))
+"""Shape bits (`& _SHAPE_BITS`) -> `_phase_rows`."""
+_MODEL: Final = operator.itemgetter(6)
+_STATUS: Final = operator.itemgetter(11)
+_START: Final = operator.itemgetter(12)
+_END: Final = operator.itemgetter(19)
+_SAMPLED_FLAG: Final = operator.itemgetter(4)
+
+
+class _Rows(NamedTuple):
+    """Encoded spans of requests of one shape: rows of `row_bytes`, `spans_per_row` each."""
+
+    data: bytes | memoryview
+    """The rows (a memoryview of `RowLayout.fill`'s array, format `B`)."""
+    row_bytes: int
+    spans_per_row: int
+
+    @property
+    def spans(self) -> int:
+        return len(self.data) // self.row_bytes * self.spans_per_row
 
 
 def _phase_times(record: _RequestRecord) -> tuple[int, list[int]]:
@@ -384,6 +448,7 @@ class RequestTracer:
         self._lane_engine_cache: dict[int, tuple[dict[str, str | int], str]] = {}
         self._line_layouts: dict[tuple[object, ...], tuple[str, int]] = {}
         self._otlp_layouts: dict[tuple[object, ...], _OtlpLayout] = {}
+        self._line_rows: dict[tuple[object, ...], tuple[RowLayout, int]] = {}
         self._fast_processors = [p for p in self.processors if isinstance(p, RequestSpanProcessor)]
         self._generic_processors = [
             p for p in self.processors if not isinstance(p, RequestSpanProcessor)
@@ -565,89 +630,222 @@ class RequestTracer:
 
     def _ship_lines(self, exporter: JsonLinesSpanExporter) -> None:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
-        straight to text (`_request_lines`), with no `SpanData` in between, written about
-        every `LINES_WRITE_CHARS` (each write's first line carries the resource)."""
-        resource_json = self._resource_json
-        chunks: list[str] = []
-        size = spans = 0
-
-        def write() -> None:
-            chunks.append("")
-            self._count_export(exporter.write("\n".join(chunks)), spans)
-
-        for record in self._drain():
-            if record[0] == _REQUEST:
-                text, count = self._request_lines(record, "{}" if chunks else resource_json)
-                chunks.append(text)
-                size += len(text)
-                spans += count
-            else:
+        straight to text, a chunk at a time (`_encode_requests`), with no `SpanData` in
+        between; one write per chunk, whose first line carries the resource."""
+        for requests, batches in self._drain_chunks():
+            pieces: list[bytes | memoryview] = []
+            spans = 0
+            resource_json = self._resource_json
+            if requests:
+                text, spans = self._request_lines(requests[0], resource_json)
+                pieces.append(text.encode() + b"\n")
+                resource_json = "{}"
+                for rows in self._encode_requests(requests[1:], otlp=False):
+                    pieces.append(rows.data)
+                    spans += rows.spans
+            for record in batches:
                 batch = self._batch_spans(record)
-                lines = [span_line(batch[0], "{}" if chunks else resource_json)]
-                lines.extend(map(span_line, batch[1:]))
-                chunks.extend(lines)
-                size += sum(map(len, lines))
-                spans += len(lines)
-            if size >= LINES_WRITE_CHARS:
-                write()
-                chunks.clear()
-                size = spans = 0
-        if chunks:
-            write()
+                lines = [span_line(batch[0], resource_json), *map(span_line, batch[1:]), ""]
+                pieces.append("\n".join(lines).encode())
+                resource_json = "{}"
+                spans += len(batch)
+            if pieces:
+                self._count_export(exporter.write_pieces(pieces), spans)
 
     def _ship_otlp(self, exporter: OtlpPayloadExporter) -> None:
         """`_ship` for OTLP with no SDK processor: request records go straight to encoded
-        spans (`_request_otlp`), sent in payloads of at most about `OTLP_PAYLOAD_BYTES`."""
+        spans, a chunk at a time (`_encode_requests`), sent in payloads of at most about
+        `OTLP_PAYLOAD_BYTES` (a payload ends between two requests)."""
         head = self._otlp_head
         if head is None:
             head = self._otlp_head = otlp_head(self.resource, self.scope)
-        entries: list[bytes] = []
+        entries: list[bytes | memoryview] = []
         size = spans = 0
-
-        def send() -> None:
+        for requests, batches in self._drain_chunks():
+            encoded = self._encode_requests(requests, otlp=True)
+            for record in batches:
+                batch = self._batch_spans(record)
+                data = b"".join(map(_span_bytes, batch))
+                encoded.append(_Rows(data, len(data), len(batch)))
+            for rows in encoded:
+                # Split a group between payloads at row (request) boundaries.
+                start = 0
+                while start < len(rows.data):
+                    take = max(1, (OTLP_PAYLOAD_BYTES - size) // rows.row_bytes) * rows.row_bytes
+                    piece = rows.data[start : start + take]
+                    start += len(piece)
+                    entries.append(piece)
+                    size += len(piece)
+                    spans += len(piece) // rows.row_bytes * rows.spans_per_row
+                    if size >= OTLP_PAYLOAD_BYTES:
+                        payload = otlp_payload(head, entries)
+                        self._count_export(exporter.export_payload(payload, spans), spans)
+                        entries.clear()
+                        size = spans = 0
+        if entries:
             self._count_export(exporter.export_payload(otlp_payload(head, entries), spans), spans)
 
-        for record in self._drain():
-            if record[0] == _REQUEST:
-                encoded, count = self._request_otlp(record)
-            else:
-                batch = self._batch_spans(record)
-                encoded, count = b"".join(map(_span_bytes, batch)), len(batch)
-            entries.append(encoded)
-            size += len(encoded)
-            spans += count
-            if size >= OTLP_PAYLOAD_BYTES:
-                send()
-                entries.clear()
-                size = spans = 0
-        if entries:
-            send()
-
-    def _drain(self) -> Iterator[Any]:
-        """Take every record recorded so far: each request reaches the fast processors;
-        the sampled requests and the batches are yielded, in order (the fast paths).
-
-        Every `SHIP_YIELD_EVERY` records it hands the GIL over, so the consumer's encoding
-        between two records is cut into short stretches too.
+    def _drain_chunks(self) -> Iterator[tuple[list[Any], list[Any]]]:
+        """Take every record recorded so far, `SHIP_CHUNK` at a time, handing the GIL over
+        between chunks: every request reaches the fast processors (in bulk); yields each
+        chunk's sampled requests and its batches (the fast paths).
 
         NOTE: typed `Any` (no `cast` calls: they cost a call per record here)."""
         records: deque[Any] = self._records
-        for i in range(len(records)):
-            if i % SHIP_YIELD_EVERY == SHIP_YIELD_EVERY - 1:
+        left = len(records)
+        while left > 0:
+            take = min(left, SHIP_CHUNK)
+            chunk = [records.popleft() for _ in range(take)]
+            left -= take
+            requests = [r for r in chunk if r[0] == _REQUEST]
+            batches = [r for r in chunk if r[0] != _REQUEST] if len(requests) < take else []
+            if requests and self._fast_processors:
+                models = list(map(_MODEL, requests))
+                statuses = list(map(_STATUS, requests))
+                durations = list(map(operator.sub, map(_END, requests), map(_START, requests)))
+                for processor in self._fast_processors:
+                    processor.on_requests_end(models, statuses, durations)
+            if not all(map(_SAMPLED_FLAG, requests)):
+                requests = [r for r in requests if r[4]]
+            yield requests, batches
+            if left > 0:
                 _hand_over_gil()
-            record = records.popleft()
-            if record[0] == _REQUEST:
-                self._feed_fast_processors(record)
-                if record[4]:  # sampled
-                    yield record
-            else:
-                yield record
 
     def _feed_fast_processors(self, record: _RequestRecord) -> None:
         """Every request, sampled or not, reaches the fast processors (the SLO monitor's)
         as its fields: model, status, duration."""
         for processor in self._fast_processors:
             processor.on_request_end(record[6], record[11], record[19] - record[12])
+
+    def _encode_requests(self, records: Sequence[Any], otlp: bool) -> list[_Rows]:
+        """Sampled requests' spans, encoded a request shape at a time (`span_rows`): OTLP
+        `ScopeSpans.spans` entries, or JSON lines (each ending in a newline, the resource
+        `{}`). Groups come out in the order of their first request; within one, requests
+        keep their order. The same text or bytes as `_request_lines` / `_request_otlp` of
+        each record, but for the child span ids, drawn here all at once (a test compares
+        the two)."""
+        n = len(records)
+        if not n:
+            return []
+        columns = list(zip(*records, strict=True))
+        # start, decoded, queued, compute start, compute end, (batch samples), encode, end
+        times = np.array(columns[12:20], np.int64)
+        epoch = times + self._offset_ns
+        epoch[5] = EPOCH_NS_RANGE[0]  # (not a time)
+        if epoch.min() < EPOCH_NS_RANGE[0] or epoch.max() >= EPOCH_NS_RANGE[1]:
+            # Not 19 digits (a clock that is not Unix time): one record at a time.
+            one = self._request_otlp if otlp else self._request_text
+            return [_Rows(data, len(data), count) for data, count in map(one, records)]
+        epoch_u64 = epoch.astype(np.uint64)
+        _, decoded, queued, compute_start, _, batch_samples, encode_start, _ = times
+        shapes = np.where(decoded != 0, _DECODED, 0)
+        queued_any = queued != 0
+        shapes |= np.where(queued_any, np.where(compute_start != 0, _QUEUED, _QUEUE_LEFT), 0)
+        on_lane = np.fromiter(map("cpu".__eq__, columns[8]), bool, n)
+        engine = ~queued_any & (compute_start != 0) & on_lane
+        shapes |= np.where(engine, _ENGINE | (batch_samples << _SAMPLES_SHIFT), 0)
+        shapes |= np.where(encode_start != 0, _ENCODED, 0)
+        parents = np.array(columns[3], np.uint64)
+        request_ids: list[str] | list[bytes] | None = None
+        widths: Sequence[int] = [0] * n
+        if any(columns[10]):
+            request_ids = (
+                list(map(str.encode, columns[10]))
+                if otlp
+                else [_dumps(i) if i else "" for i in columns[10]]
+            )
+            widths = list(map(len, request_ids))  # (JSON is ASCII: characters = bytes)
+        key_columns: list[Sequence[Any]] = [
+            columns[5], columns[6], columns[7], columns[8], columns[9], columns[11],
+            shapes.tolist(), (parents != 0).tolist(), widths,
+        ]  # fmt: skip
+        groups: dict[tuple[Any, ...], int] = {}
+        if all(column.count(column[0]) == n for column in key_columns):
+            # One shape (the usual case): no key per request (`count` compares by identity
+            # first, a few ns a value).
+            groups[tuple(column[0] for column in key_columns)] = 0
+        else:
+            codes = [groups.setdefault(key, len(groups)) for key in zip(*key_columns, strict=True)]
+        traces = int_bytes(columns[1], 16)
+        span_ids = be64(np.array(columns[2], np.uint64))
+        parent_ids = be64(parents)
+        code_array = np.array(codes) if len(groups) > 1 else None
+        # NOTE: few numpy calls per group, each over all its requests: a call costs about
+        # 1 µs whatever its size, and large ones run with the GIL released.
+        scale = 1 if otlp else 2  # bytes per id byte: raw, or two hex digits
+        out: list[_Rows] = []
+        for key, code in groups.items():
+            index = np.arange(n) if code_array is None else np.flatnonzero(code_array == code)
+            rows, spans_per_row = self._row_layout(key, records[int(index[0])], otlp)
+            pairs = _PHASE_TIMES[key[6] & _SHAPE_BITS]
+            m, k = len(index), len(pairs)
+            # Ids: trace (16 bytes), span (8), parent (8, if any), the k children's (8 each).
+            id_parts = [traces[index], span_ids[index]]
+            if key[7]:
+                id_parts.append(parent_ids[index])
+            if k:
+                id_parts.append(
+                    int_bytes([random.getrandbits(64 * m * k)], 8 * m * k).reshape(m, 8 * k)
+                )
+            ids = np.concatenate(id_parts, axis=1)
+            if not otlp:
+                ids = hex_digits(ids)
+            trace, span = ids[:, : 16 * scale], ids[:, 16 * scale : 24 * scale]
+            # Times: each distinct one once (a CPU-lane request's 8 span times are 6).
+            used = sorted({0, 7, *chain.from_iterable(pairs)})
+            encoded = (le64 if otlp else time_digits)(epoch_u64[np.ix_(used, index)].reshape(-1))
+            at = {row: encoded[i * m : (i + 1) * m] for i, row in enumerate(used)}
+            values = [trace, span]
+            if key[7]:
+                values.append(ids[:, 24 * scale : 32 * scale])
+            values += (at[0], at[7])
+            if key[8]:
+                assert request_ids is not None
+                chosen = [request_ids[i] for i in index.tolist()]
+                values.append(
+                    np.frombuffer(b"".join(chosen), np.uint8).reshape(m, key[8])  # type: ignore[arg-type]
+                    if otlp
+                    else text_bytes(chosen, key[8])  # type: ignore[arg-type]
+                )
+            first_child = (32 if key[7] else 24) * scale
+            for p, (begin, end) in enumerate(pairs):
+                child = ids[:, first_child + 8 * scale * p : first_child + 8 * scale * (p + 1)]
+                values += (trace, child, span, at[begin], at[end])
+            data = memoryview(rows.fill(values).reshape(-1))  # type: ignore[arg-type]
+            out.append(_Rows(data, len(rows.template), spans_per_row))
+        return out
+
+    def _request_text(self, record: _RequestRecord) -> tuple[bytes, int]:
+        """`_request_lines` with no resource, as UTF-8 with a final newline."""
+        text, count = self._request_lines(record, "{}")
+        return text.encode() + b"\n", count
+
+    def _row_layout(
+        self, key: tuple[Any, ...], record: _RequestRecord, otlp: bool
+    ) -> tuple[RowLayout, int]:
+        """The row layout of a group of `_encode_requests` and its spans per row (cached
+        by the group's `key`)."""
+        (method, model, version, lane, samples, status, shape, parent, width) = key
+        if otlp:
+            otlp_key = (method, model, version, lane, samples, status, parent, width, shape)
+            layout = self._otlp_layouts.get(otlp_key)
+            if layout is None:
+                layout = self._otlp_layout(otlp_key, record, shape)
+            return layout.rows, layout.spans
+        found = self._line_rows.get(key)
+        if found is None:
+            line_key = (method, model, version, lane, samples, status, parent, bool(width),
+                        shape, "{}")  # fmt: skip
+            template, count = self._line_layouts.get(line_key) or self._line_layout(
+                line_key, record, shape, "{}"
+            )
+            phases = len(_PHASE_TIMES[shape & _SHAPE_BITS])
+            widths = [32, 16, *([16] if parent else []), 19, 19, *([width] if width else [])]
+            widths += [32, 16, 16, 19, 19] * phases
+            found = _remember(
+                self._line_rows, key, (percent_layout(template, widths, b"\n"), count)
+            )
+        return found
 
     def _count_export(self, result: SpanExportResult, spans: int) -> None:
         if result is SpanExportResult.SUCCESS:
@@ -956,7 +1154,7 @@ class JsonLinesSpanExporter(SpanDataExporter):
         self.path = path
         self.max_bytes = max_bytes
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = path.open("a", encoding="utf-8")
+        self._file: IO[bytes] | None = path.open("ab")
         self._lock = threading.Lock()
 
     def export_data(
@@ -970,16 +1168,22 @@ class JsonLinesSpanExporter(SpanDataExporter):
         return self.write("\n".join(lines))
 
     def write(self, text: str) -> SpanExportResult:
-        """Append already formatted lines (the tracer's fast path); rotate when full."""
+        """Append already formatted lines; rotate when full."""
+        return self.write_pieces([text.encode()])
+
+    def write_pieces(self, pieces: Sequence[bytes | memoryview]) -> SpanExportResult:
+        """Append already formatted lines as UTF-8, in pieces written back to back (the
+        tracer's fast path: no copy into one buffer); rotate when full."""
         with self._lock:
             if self._file is None:
                 return SpanExportResult.FAILURE
-            self._file.write(text)
+            for piece in pieces:
+                self._file.write(piece)
             self._file.flush()
             if self._file.tell() > self.max_bytes:
                 self._file.close()
                 self.path.replace(self.path.with_name(self.path.name + ".1"))
-                self._file = self.path.open("a", encoding="utf-8")
+                self._file = self.path.open("ab")
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
@@ -1023,14 +1227,17 @@ def otlp_head(resource: Resource, scope: InstrumentationScope) -> OtlpHead:
     )
 
 
-def otlp_payload(head: OtlpHead, spans: Sequence[bytes]) -> bytes:
+def otlp_payload(head: OtlpHead, spans: Sequence[bytes | memoryview]) -> bytes:
     """A serialized ExportTraceServiceRequest: one resource and scope (`head`) holding
-    spans already encoded as `ScopeSpans.spans` entries (`_span_bytes`, `_request_otlp`)."""
-    scope_spans = head.scope + b"".join(spans)
-    resource_spans = b"".join(
-        (head.resource, b"\x12", _varint(len(scope_spans)), scope_spans, head.schema_url)
-    )
-    return b"\x0a" + _varint(len(resource_spans)) + resource_spans
+    spans already encoded as `ScopeSpans.spans` entries (`_span_bytes`, `_request_otlp`,
+    `_encode_requests`). The lengths are computed first: the spans are copied once."""
+    scope_size = len(head.scope) + sum(map(len, spans))
+    scope_tag = b"\x12" + _varint(scope_size)
+    resource_size = len(head.resource) + len(scope_tag) + scope_size + len(head.schema_url)
+    return b"".join(
+        (b"\x0a", _varint(resource_size), head.resource, scope_tag, head.scope, *spans,
+         head.schema_url)
+    )  # fmt: skip
 
 
 _OTLP_ATTRIBUTES: dict[str, bytes] = {}
@@ -1063,6 +1270,8 @@ class _OtlpLayout(NamedTuple):
     constants: list[object]
     """The pack arguments with the constants at the even places (values go between)."""
     spans: int
+    rows: RowLayout
+    """The same layout for `span_rows` (many requests at once)."""
 
 
 def _otlp_compile(spans: Sequence[Sequence[bytes | str]]) -> _OtlpLayout:
@@ -1083,7 +1292,12 @@ def _otlp_compile(spans: Sequence[Sequence[bytes | str]]) -> _OtlpLayout:
     layout = "".join(f"{len(c)}s{code}" for c, code in zip(constants, codes, strict=False))
     arguments: list[object] = [b""] * (2 * len(codes) + 1)
     arguments[0::2] = constants
-    return _OtlpLayout(struct.Struct(f"<{layout}{len(constants[-1])}s").pack, arguments, len(spans))
+    return _OtlpLayout(
+        struct.Struct(f"<{layout}{len(constants[-1])}s").pack,
+        arguments,
+        len(spans),
+        struct_layout(constants, codes),
+    )
 
 
 def _varint(value: int) -> bytes:

@@ -315,6 +315,24 @@ def test_span_processor_feeds_the_monitor_from_server_spans(
     assert slis["latency"]["events"] == 1 and slis["latency"]["bad_events"] == 1
 
 
+def test_the_tracers_bulk_feed_counts_as_one_request_at_a_time(clock: Clock) -> None:
+    """`on_requests_end` (the tracer's fast paths, a chunk at a time) counts what
+    `on_request_end` of each request counts."""
+    bulk = SloMonitor({"digits": shrunk()}, clock=clock)
+    single = SloMonitor({"digits": shrunk()}, clock=clock)
+    models = ["digits", "other", "digits", "digits", "digits"]
+    statuses = ["OK", "OK", "INTERNAL", "OK", "INVALID_ARGUMENT"]
+    durations_ns = [int(FAST_S * 1e9), 1, int(FAST_S * 1e9), int(SLOW_S * 1e9), 1]
+    SloSpanProcessor(bulk).on_requests_end(models, statuses, durations_ns)
+    one = SloSpanProcessor(single)
+    for request in zip(models, statuses, durations_ns, strict=True):
+        one.on_request_end(*request)
+    slis = bulk.snapshot()["digits"]["slis"]
+    assert slis == single.snapshot()["digits"]["slis"]
+    assert slis["availability"]["events"] == 3 and slis["availability"]["bad_events"] == 1
+    assert slis["latency"]["events"] == 2 and slis["latency"]["bad_events"] == 1
+
+
 def test_collector_exposes_objectives_burn_rates_and_alerts(
     monitor: SloMonitor, clock: Clock
 ) -> None:

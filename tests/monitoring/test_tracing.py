@@ -510,9 +510,10 @@ def test_a_backlog_is_exported_in_bounded_otlp_requests(monkeypatch: pytest.Monk
 def test_shipping_hands_the_gil_over_every_few_records(
     path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A backlog is shipped in stretches of `SHIP_YIELD_EVERY` records with the GIL handed
-    over between them (else the event loop waits a whole switch interval, 5 ms, each
-    time it comes back from epoll during a flush), on each of the three shipping paths."""
+    """A backlog is shipped in stretches with the GIL handed over between them (else the
+    event loop waits a whole switch interval, 5 ms, each time it comes back from epoll
+    during a flush), on each of the three shipping paths: chunks of `SHIP_CHUNK` records
+    on the fast paths, `SHIP_YIELD_EVERY` records on the general one."""
     from monitoring import tracing
 
     exporter: SpanExporter
@@ -530,16 +531,20 @@ def test_shipping_hands_the_gil_over_every_few_records(
     monkeypatch.setattr(
         tracing, "_hand_over_gil", lambda: left_at_handover.append(len(tracer._records))
     )
+    monkeypatch.setattr(tracing, "SHIP_CHUNK", 16)
     try:
         for _ in range(100):
             finish(tracer, tracer.begin(None))
         tracer.flush()
     finally:
         tracer.shutdown()
-    every = tracing.SHIP_YIELD_EVERY
-    assert 1 < every < 100
-    # Handed over each time before taking record number every, 2 * every, ... (1-based).
-    assert left_at_handover == [100 - k * every + 1 for k in range(1, 100 // every + 1)]
+    if path == "sdk":
+        every = tracing.SHIP_YIELD_EVERY
+        assert 1 < every < 100
+        # Handed over each time before taking record number every, 2 * every... (1-based).
+        assert left_at_handover == [100 - k * every + 1 for k in range(1, 100 // every + 1)]
+    else:  # after each chunk but the last
+        assert left_at_handover == [100 - k * 16 for k in range(1, 100 // 16 + 1)]
     assert tracer.exported_spans == 100 * 4
 
 
@@ -580,8 +585,9 @@ def test_flush_waits_for_what_the_shipper_thread_already_took() -> None:
 def test_a_backlog_is_written_to_the_file_in_bounded_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each write of the file's fast path is about `LINES_WRITE_CHARS` (the join and the
-    encoding hold the GIL), its first line carries the resource, and nothing is lost."""
+    """The file's fast path writes once per chunk of `SHIP_CHUNK` records (the GIL is
+    handed over between chunks), each write's first line carries the resource, and
+    nothing is lost."""
     from monitoring import tracing
 
     class Writes(JsonLinesSpanExporter):
@@ -589,18 +595,17 @@ def test_a_backlog_is_written_to_the_file_in_bounded_pieces(
             super().__init__(path)
             self.writes: list[str] = []
 
-        def write(self, text: str) -> SpanExportResult:
-            self.writes.append(text)
-            return super().write(text)
+        def write_pieces(self, pieces: Sequence[bytes | memoryview]) -> SpanExportResult:
+            self.writes.append(b"".join(pieces).decode())
+            return super().write_pieces(pieces)
 
-    monkeypatch.setattr(tracing, "LINES_WRITE_CHARS", 4096)
+    monkeypatch.setattr(tracing, "SHIP_CHUNK", 16)
     exporter = Writes(tmp_path / "spans.jsonl")
     tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=exporter)
-    handles = ship_backlog(tracer)
-    assert len(exporter.writes) > 1
-    longest_request = max(len(line) for w in exporter.writes for line in w.splitlines()) * 4
-    assert all(len(w) < 4096 + longest_request + 4 for w in exporter.writes)
+    handles = ship_backlog(tracer)  # 100 requests, 4 spans each, then a batch
+    assert [len(w.splitlines()) for w in exporter.writes] == [16 * 4] * 6 + [4 * 4 + 2]
     for text in exporter.writes:
+        assert text.endswith("\n")
         lines = [json.loads(line) for line in text.splitlines()]
         assert lines[0]["resource"]["service.name"]
         assert all(line["resource"] == {} for line in lines[1:])
@@ -609,3 +614,87 @@ def test_a_backlog_is_written_to_the_file_in_bounded_pieces(
     assert {s["span_id"] for s in spans if s["kind"] == "SERVER"} == {
         f"{h.span_id:016x}" for h in handles
     }
+
+
+def mixed_records(tracer: RequestTracer) -> list[Any]:
+    """Requests of every FAST_PATH_CASES case and request id, interleaved, three of each:
+    several shapes in one chunk."""
+    cases = [
+        (*case, request_id)
+        for case in FAST_PATH_CASES.args[1]
+        for request_id in REQUEST_IDS.args[1]
+    ]
+    return [one_record(tracer, *case) for _ in range(3) for case in cases]
+
+
+def _without_child_ids(span: dict[str, Any]) -> str:
+    """A span as JSON, its id blanked when it is a child (ids drawn in another order)."""
+    if span["kind"] != "SERVER":
+        span = {**span, "span_id": ""}
+    return json.dumps(span, sort_keys=True)
+
+
+@pytest.mark.parametrize("offset", ["unix", "not unix"])
+def test_requests_encoded_by_shape_are_what_each_record_makes(offset: str) -> None:
+    """`_encode_requests` (a chunk at once, grouped by request shape) writes the same
+    lines as `_request_lines` of each record, but for the child span ids, which are
+    fresh; a clock that is not 19-digit Unix time takes the record-by-record path."""
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=MemoryExporter())
+    try:
+        if offset == "not unix":
+            tracer._offset_ns = 0
+        records = mixed_records(tracer)
+        rows = tracer._encode_requests(records, otlp=False)
+        text = b"".join(bytes(r.data) for r in rows).decode()
+        expected = "".join(tracer._request_lines(r, "{}")[0] + "\n" for r in records)
+    finally:
+        tracer.shutdown()
+    ours = [json.loads(line) for line in text.splitlines()]
+    theirs = [json.loads(line) for line in expected.splitlines()]
+    assert sum(r.spans for r in rows) == len(ours) == len(theirs) > len(records)
+    assert sorted(map(_without_child_ids, ours)) == sorted(map(_without_child_ids, theirs))
+    children = [s["span_id"] for s in ours if s["kind"] != "SERVER"]
+    assert len(set(children)) == len(children) and all(len(c) == 16 for c in children)
+    if offset == "unix":  # one group per case, in the order of first appearance
+        assert len(rows) == len(records) // 3
+        assert ours[0]["span_id"] == theirs[0]["span_id"]
+
+
+def test_otlp_requests_encoded_by_shape_are_what_each_record_makes() -> None:
+    """`_encode_requests` for OTLP: the same spans as `_request_otlp` of each record, but
+    for the child span ids, in entries that a payload can be cut between (`row_bytes`)."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from monitoring.tracing import otlp_head, otlp_payload
+
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=MemoryExporter())
+    try:
+        records = mixed_records(tracer)
+        rows = tracer._encode_requests(records, otlp=True)
+        head = otlp_head(tracer.resource, tracer.scope)
+        # Every group cut into single requests: each piece parses on its own.
+        pieces = [
+            r.data[i : i + r.row_bytes] for r in rows for i in range(0, len(r.data), r.row_bytes)
+        ]
+        ours = ExportTraceServiceRequest.FromString(otlp_payload(head, pieces))
+        theirs = ExportTraceServiceRequest.FromString(
+            otlp_payload(head, [tracer._request_otlp(r)[0] for r in records])
+        )
+    finally:
+        tracer.shutdown()
+
+    def spans(request: Any) -> list[str]:
+        out = []
+        for span in request.resource_spans[0].scope_spans[0].spans:
+            fields = MessageToDict(span)
+            if fields.get("kind") != "SPAN_KIND_SERVER":
+                fields["spanId"] = ""
+            out.append(json.dumps(fields, sort_keys=True))
+        return sorted(out)
+
+    assert len(pieces) == len(records)
+    assert spans(ours) == spans(theirs)
+    assert sum(r.spans for r in rows) == len(ours.resource_spans[0].scope_spans[0].spans)

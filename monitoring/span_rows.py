@@ -1,0 +1,143 @@
+"""Fixed-width row templates: many spans of one request shape encoded with numpy at once.
+
+The tracer's shipper turns request records into text (JSON lines) or bytes (OTLP). For one
+request shape (method, model, status, which child spans...) everything but the ids, the
+times and the request id is the same from one request to the next, and each of those
+values has a fixed width: an id is 32 or 16 hex digits (JSON) or 16 or 8 bytes (OTLP), a
+time 19 decimal digits (Unix nanoseconds from 2001 to 2286) or 8 bytes, a request id as
+long as the group's (the tracer groups by its length). So a shape compiles to a `RowLayout`
+(the constant bytes of one row, with holes at fixed offsets), and a group of `n` requests
+is one `(n, row)` array: the template copied, then each hole filled for all rows with one
+numpy assignment. Per request this costs a fraction of a `%` format or a `struct` pack
+(BENCHMARKS.md, "Monitoring overhead").
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Sequence
+from itertools import repeat
+from typing import Any, Final, NamedTuple
+
+import numpy as np
+
+#: The smallest and the first too large Unix time in ns with `TIME_DIGITS` digits.
+TIME_DIGITS: Final = 19
+EPOCH_NS_RANGE: Final = (10**18, 10**19)
+
+_BYTE_HEX: Final = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), np.uint16)
+"""Byte value -> its two lowercase hex digits (ASCII), as one uint16 (gathers of 2-byte
+items are several times faster than of `(256, 2)` rows)."""
+_FOUR_DIGITS: Final = np.frombuffer(b"".join(b"%04d" % i for i in range(10_000)), np.uint32)
+"""0..9999 -> its four decimal digits (ASCII), as one uint32."""
+_TEN_THOUSAND: Final = np.uint64(10_000)
+_PLACEHOLDER: Final = re.compile(r"%(%|s|016x|d)")
+_TO_BYTES: Final[Any] = int.to_bytes
+
+
+class RowLayout(NamedTuple):
+    """One row's constant bytes and the (offset, width) of each hole, in order."""
+
+    template: np.ndarray
+    """uint8, the row with zeros in the holes."""
+    holes: tuple[tuple[int, int], ...]
+
+    def fill(self, values: Sequence[np.ndarray]) -> np.ndarray:
+        """The `(n, row)` rows, one per row of the `values` (one `(n, width)` uint8 array
+        per hole, in order); a bytes-like object (`bytes.join` and files take it as is)."""
+        rows = np.empty((len(values[0]), len(self.template)), np.uint8)
+        rows[:] = self.template
+        for (offset, width), value in zip(self.holes, values, strict=True):
+            rows[:, offset : offset + width] = value
+        return rows
+
+
+def percent_layout(template: str, widths: Sequence[int], end: bytes = b"") -> RowLayout:
+    """The layout of a `%` template whose conversions (`%s`, `%016x`, `%d`) are holes of
+    the given widths, in order; `%%` is a constant `%`; `end` follows the row (e.g. a
+    newline). The template's text is encoded as UTF-8."""
+    pieces: list[bytes] = []
+    holes: list[tuple[int, int]] = []
+    offset = position = 0
+    widths_left = iter(widths)
+    for match in _PLACEHOLDER.finditer(template):
+        constant = template[position : match.start()].encode()
+        pieces.append(constant)
+        offset += len(constant)
+        position = match.end()
+        if match.group(1) == "%":
+            pieces.append(b"%")
+            offset += 1
+            continue
+        width = next(widths_left, None)
+        if width is None:
+            raise ValueError("fewer widths than conversions in the template")
+        pieces.append(bytes(width))
+        holes.append((offset, width))
+        offset += width
+    if next(widths_left, None) is not None:
+        raise ValueError("more widths than conversions in the template")
+    pieces.append(template[position:].encode() + end)
+    return RowLayout(np.frombuffer(b"".join(pieces), np.uint8).copy(), tuple(holes))
+
+
+def struct_layout(constants: Sequence[bytes], codes: Sequence[str]) -> RowLayout:
+    """The layout of a little-endian `struct` format that alternates constant byte
+    strings with value codes: `constants[0] codes[0] constants[1] ... constants[-1]`."""
+    if len(constants) != len(codes) + 1:
+        raise ValueError("constants must surround the codes")
+    pieces: list[bytes] = []
+    holes: list[tuple[int, int]] = []
+    offset = 0
+    for constant, code in zip(constants, codes, strict=False):
+        width = struct.calcsize("<" + code)
+        pieces += (constant, bytes(width))
+        holes.append((offset + len(constant), width))
+        offset += len(constant) + width
+    pieces.append(constants[-1])
+    return RowLayout(np.frombuffer(b"".join(pieces), np.uint8).copy(), tuple(holes))
+
+
+def int_bytes(values: Sequence[int], width: int) -> np.ndarray:
+    """Non-negative ints (any size: 128-bit trace ids too) as `(n, width)` big-endian
+    bytes."""
+    # NOTE: `map` over the unbound method: no Python-level call per value.
+    raw = b"".join(map(_TO_BYTES, values, repeat(width), repeat("big")))
+    return np.frombuffer(raw, np.uint8).reshape(len(values), width)
+
+
+def be64(values: np.ndarray) -> np.ndarray:
+    """uint64 values as `(n, 8)` big-endian bytes."""
+    return values.astype(">u8").view(np.uint8).reshape(len(values), 8)
+
+
+def le64(values: np.ndarray) -> np.ndarray:
+    """uint64 values as `(n, 8)` little-endian bytes (protobuf fixed64)."""
+    return values.astype("<u8").view(np.uint8).reshape(len(values), 8)
+
+
+def hex_digits(raw: np.ndarray) -> np.ndarray:
+    """`(n, w)` bytes as `(n, 2w)` lowercase hex digits (ASCII), most significant first."""
+    digits: np.ndarray = _BYTE_HEX[raw].view(np.uint8)
+    return digits.reshape(len(raw), 2 * raw.shape[1])
+
+
+def time_digits(values: np.ndarray) -> np.ndarray:
+    """uint64 values within `EPOCH_NS_RANGE` as `(n, TIME_DIGITS)` decimal digits (ASCII).
+
+    Five groups of four digits (uint64 division is slow: 4 of them, not 19), each looked
+    up; the first of the 20 digits is the leading zero, dropped."""
+    groups = np.empty((len(values), 5), np.uint32)
+    rest = values
+    for i in range(4, 0, -1):
+        rest, groups[:, i] = np.divmod(rest, _TEN_THOUSAND)
+    groups[:, 0] = rest
+    digits: np.ndarray = _FOUR_DIGITS[groups].view(np.uint8).reshape(len(values), 20)
+    return digits[:, 1:]
+
+
+def text_bytes(texts: Sequence[str], width: int) -> np.ndarray:
+    """Strings whose UTF-8 is `width` bytes each, as `(n, width)` bytes."""
+    raw = "".join(texts).encode()
+    return np.frombuffer(raw, np.uint8).reshape(len(texts), width)
