@@ -421,6 +421,19 @@ def monotonic_to_epoch_offset_ns() -> int:
     return time.time_ns() - time.monotonic_ns()
 
 
+def _parent(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[int, int, bool] | None:
+    """The trace id, span id and sampled flag of a valid incoming W3C `traceparent`."""
+    for key, value in metadata:
+        if key == "traceparent" and isinstance(value, str):
+            parent = get_current_span(
+                _PROPAGATOR.extract({"traceparent": value}, getter=_GETTER)
+            ).get_span_context()
+            if parent.is_valid:
+                return parent.trace_id, parent.span_id, parent.trace_flags.sampled
+            return None
+    return None
+
+
 class RequestTracer:
     """Records requests and batches on the hot path; a thread ships them as SDK spans.
 
@@ -483,24 +496,53 @@ class RequestTracer:
     # ------------------------------------------------------------ hot path (event loop)
     def begin(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> TraceHandle:
         """Ids and the sampling decision for a new server span (continuing `traceparent`)."""
-        if metadata:
-            for key, value in metadata:
-                if key == "traceparent" and isinstance(value, str):
-                    parent = get_current_span(
-                        _PROPAGATOR.extract({"traceparent": value}, getter=_GETTER)
-                    ).get_span_context()
-                    if parent.is_valid:
-                        return TraceHandle(
-                            parent.trace_id,
-                            random.getrandbits(64),
-                            parent.span_id,
-                            parent.trace_flags.sampled,
-                        )
-                    break
+        parent = _parent(metadata) if metadata else None
+        if parent is not None:
+            return TraceHandle(parent[0], random.getrandbits(64), parent[1], parent[2])
         trace_id = random.getrandbits(128)
         return TraceHandle(
             trace_id, random.getrandbits(64), 0, (trace_id & _RATIO_MASK) < self._bound
         )
+
+    def record_request(
+        self,
+        metadata: Sequence[tuple[str, str | bytes]] | None,
+        method: str,
+        model: str,
+        version: str,
+        lane: str,
+        samples: int,
+        request_id: str,
+        status: str,
+        start_ns: int,
+        decoded_ns: int,
+        compute_start_ns: int,
+        compute_end_ns: int,
+        encode_start_ns: int,
+        end_ns: int,
+    ) -> None:
+        """`end_request(begin(metadata), ...)` of a CPU-lane request (never queued, a batch
+        of its own `samples`), in one call and with no `TraceHandle` or `RequestTiming`:
+        for a request that nothing needed its ids for while it ran (no batch links to it).
+        Monotonic times; 0 = that phase did not happen."""
+        records = self._records
+        if len(records) >= self._max:
+            self.dropped += 1
+            return
+        parent = _parent(metadata) if metadata else None
+        if parent is None:
+            trace_id = random.getrandbits(128)
+            parent_id, sampled = 0, (trace_id & _RATIO_MASK) < self._bound
+        else:
+            trace_id, parent_id, sampled = parent
+        records.append(
+            (
+                _REQUEST, trace_id, random.getrandbits(64), parent_id, sampled, method, model,
+                version, lane, samples, request_id, status, start_ns, decoded_ns, 0,
+                compute_start_ns, compute_end_ns, samples if compute_start_ns else 0,
+                encode_start_ns, end_ns,
+            )
+        )  # fmt: skip
 
     def end_request(
         self,

@@ -44,7 +44,8 @@ class InlinePath:
     """
 
     __slots__ = (
-        "model", "_lane", "_inputs", "_outputs", "_max_samples", "_template", "_answers",
+        "model", "version", "_lane", "_inputs", "_outputs", "_max_samples", "_template",
+        "_answers",
     )  # fmt: skip
 
     def __init__(self, model: ModelVersion) -> None:
@@ -52,6 +53,8 @@ class InlinePath:
         if lane is None or not lane.inline:
             raise ValueError(f"model {model.config.name} has no inline CPU lane")
         self.model = model
+        self.version = str(model.version)
+        """The version as the protocol spells it."""
         self._lane = lane
         self._inputs = {
             spec.name: (np.dtype(NUMPY_DTYPES[spec.datatype]), spec.dims) for spec in model.inputs

@@ -191,13 +191,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 monitoring.record_request(request.model_name, (end_ns - start_ns) / 1e9, status)
             else:
                 assert timing is not None
-                model = path.model
                 # The spans of a CPU-lane request: decode up to the lane call, encode after.
-                decoded_ns = timing.compute_start_ns or end_ns
-                tracer.end_request(
-                    tracer.begin(context.invocation_metadata()), method, request.model_name,
-                    str(model.version), "cpu", timing.batch_samples, request.id, status,
-                    start_ns, decoded_ns, timing, timing.compute_end_ns or end_ns, end_ns,
+                compute_start_ns, compute_end_ns = timing.compute_start_ns, timing.compute_end_ns
+                tracer.record_request(
+                    context.invocation_metadata(), method, request.model_name, path.version,
+                    "cpu", timing.batch_samples, request.id, status, start_ns,
+                    compute_start_ns or end_ns, compute_start_ns, compute_end_ns,
+                    compute_end_ns or end_ns, end_ns,
                 )  # fmt: skip
 
     async def ServerLive(

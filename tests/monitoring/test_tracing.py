@@ -143,6 +143,40 @@ def test_sampling_ratio_decides_new_traces(ratio: float) -> None:
     assert abs(sampled / 4000 - ratio) < 0.05
 
 
+@pytest.mark.parametrize(("parent", "status"), [(True, "OK"), (False, "OK"), (False, "INTERNAL")])
+def test_record_request_records_what_begin_and_end_request_record(
+    parent: bool, status: str
+) -> None:
+    """The inline lane's one call makes the record that `begin` then `end_request` make
+    (the same ids drawn in the same order)."""
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=MemoryExporter())
+    metadata = [("user-agent", "x")]
+    if parent:
+        metadata.append(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"))
+    ran = status == "OK"
+    compute = (1_200, 1_300) if ran else (0, 0)
+    method = "inference.GRPCInferenceService/ModelInfer"
+    try:
+        random.seed(3)
+        tracer.record_request(metadata, method, "digits", "1", "cpu", 2 if ran else 0, "req-7",
+                              status, 1_000, compute[0] or 2_000, *compute,
+                              compute[1] or 2_000, 2_000)  # fmt: skip
+        random.seed(3)
+        timing = RequestTiming()
+        if ran:
+            timing = RequestTiming(compute_start_ns=1_200, compute_end_ns=1_300,
+                                   batch_samples=2, batch_requests=1)  # fmt: skip
+        tracer.end_request(tracer.begin(metadata), method, "digits", "1", "cpu",
+                           timing.batch_samples, "req-7", status, 1_000,
+                           compute[0] or 2_000, timing, compute[1] or 2_000, 2_000)  # fmt: skip
+        ours, theirs = tracer._records
+        tracer._records.clear()
+    finally:
+        tracer.shutdown()
+    assert ours == theirs
+    assert (ours[1] == int(TRACE_ID, 16)) == parent and ours[4]
+
+
 def test_server_errors_mark_the_span_and_client_errors_do_not() -> None:
     tracer, exporter, _ = make_tracer()
     try:
