@@ -1,8 +1,8 @@
 """`Monitoring`: wires tracing, the SLO monitor, drift monitors and Prometheus into a server.
 
 The runtime knows none of this: it calls the per-version observers this module builds
-(`observer_factory`) and the load/unload hooks; the front door calls `record_request`
-(SLO feed when tracing is off) or the tracer. One evaluation thread re-checks SLO and drift
+(`observer_factory`) and the load/unload hooks; the front door feeds the SLO monitor
+(`slo.feed`, when tracing is off) or the tracer. One evaluation thread re-checks SLO and drift
 alerts every `evaluate_interval_s`.
 
 NOTE: a thread, not an asyncio task sleeping on the event loop: while any timer is
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,10 +50,14 @@ class MonitoringSettings:
     """How often SLO burn rates and drift scores are re-evaluated."""
 
 
+def _ignore_lane(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    """`on_lane` of a version without drift monitoring."""
+
+
 class _VersionObserver:
     """The observer of one model version: batch spans and drift."""
 
-    __slots__ = ("model", "version", "tracer", "drift")
+    __slots__ = ("model", "version", "tracer", "drift", "on_lane")
 
     def __init__(
         self, model: str, version: str, tracer: RequestTracer | None, drift: DriftMonitor | None
@@ -62,6 +66,12 @@ class _VersionObserver:
         self.version = version
         self.tracer = tracer
         self.drift = drift
+        # NOTE: the drift monitor's own method (or a no-op), not a method calling it: the
+        # inline lane calls this on the event loop for every request.
+        self.on_lane: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] = (
+            drift.observe if drift is not None else _ignore_lane
+        )
+        """Observe one CPU-lane request (`ModelObserver.on_lane`)."""
 
     def on_batch(self, batch: ExecutedBatch) -> None:
         if self.drift is not None and batch.outputs is not None:
@@ -75,10 +85,6 @@ class _VersionObserver:
                 )
         if self.tracer is not None:
             self.tracer.record_batch(self.model, self.version, batch)
-
-    def on_lane(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        if self.drift is not None:
-            self.drift.observe(inputs, outputs)
 
 
 class Monitoring:
@@ -152,7 +158,8 @@ class Monitoring:
 
     # ------------------------------------------------------------ front door
     def record_request(self, model: str, latency_s: float, status: str) -> None:
-        """Feed the SLO monitor one request (front doors call this when tracing is off)."""
+        """Feed the SLO monitor one request (front doors with tracing off: the servicer
+        uses the cheaper `slo.feed`)."""
         self.slo.record(model, latency_s, status)
 
     # ------------------------------------------------------------ lifecycle

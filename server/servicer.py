@@ -188,7 +188,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if answer is None and status == "OK":
                 pass  # stepped aside: the general path records this request
             elif tracer is None:
-                monitoring.record_request(request.model_name, (end_ns - start_ns) / 1e9, status)
+                monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
             else:
                 assert timing is not None
                 # The spans of a CPU-lane request: decode up to the lane call, encode after.
@@ -366,7 +366,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     status, start_ns, decoded_ns, timing, encode_ns, end_ns,
                 )  # fmt: skip
             else:
-                monitoring.record_request(request.model_name, (end_ns - start_ns) / 1e9, status)
+                monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]

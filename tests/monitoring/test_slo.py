@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -329,6 +330,31 @@ def test_the_tracers_bulk_feed_counts_as_one_request_at_a_time(clock: Clock) -> 
         one.on_request_end(*request)
     slis = bulk.snapshot()["digits"]["slis"]
     assert slis == single.snapshot()["digits"]["slis"]
+    assert slis["availability"]["events"] == 3 and slis["availability"]["bad_events"] == 1
+    assert slis["latency"]["events"] == 2 and slis["latency"]["bad_events"] == 1
+
+
+@pytest.mark.parametrize("injected_clock", [False, True])
+def test_the_front_doors_feed_counts_what_record_counts(injected_clock: bool) -> None:
+    """`feed` (one deque append of monotonic ns per request) counts as `record` does; with
+    an injected clock it is `record` on that clock."""
+    clock = Clock() if injected_clock else None
+    fed = SloMonitor({"digits": shrunk()}, **({"clock": clock} if clock else {}))
+    recorded = SloMonitor({"digits": shrunk()}, **({"clock": clock} if clock else {}))
+    now = time.monotonic_ns()
+    requests = [
+        ("digits", "OK", now - int(FAST_S * 1e9), now),
+        ("digits", "OK", now - int(SLOW_S * 1e9), now),
+        ("digits", "INTERNAL", now - 1_000, now),
+        ("other", "OK", now - 1_000, now),
+        ("digits", "INVALID_ARGUMENT", now - 1_000, now),
+    ]
+    for request in requests:
+        fed.feed(request)
+    for model, status, start_ns, end_ns in requests:
+        recorded.record(model, (end_ns - start_ns) / 1e9, status)
+    slis = fed.snapshot()["digits"]["slis"]
+    assert slis == recorded.snapshot()["digits"]["slis"]
     assert slis["availability"]["events"] == 3 and slis["availability"]["bad_events"] == 1
     assert slis["latency"]["events"] == 2 and slis["latency"]["bad_events"] == 1
 
