@@ -23,12 +23,14 @@ short window, so a shrunk test config works the same; longer when the ring would
 (about 8,600 buckets for the default rules). A window of length W sums the trailing
 `ceil(W / bucket)` buckets, the current partial one included. Latency percentiles come from
 a log-spaced histogram (bins 10% apart, so a percentile is the upper edge of its bin:
-at most 10% high) per bucket over the shortest short window. `record` is one deque append
-(about 0.25 µs on the event loop); the records are counted in batches, vectorised with
-numpy, when something reads the monitor (the hub evaluates it every second) or once 4,096
-are pending; records older than the ring (a late span) are dropped. The span processor
-counts a request when its span reaches it (the tracer ships spans every 200 ms), well
-inside one bucket for sane windows. The "budget left" is computed over the longest alert
+at most 10% high) per bucket over the shortest short window. Feeding it is one deque append:
+`feed` (the front door, per request, on the event loop: a tuple of monotonic ns, no Python
+frame), `record` (one request, about 0.25 µs) or `record_many` (the tracer's span
+processor, a chunk of requests as columns); what was fed is counted in batches, vectorised
+with numpy, when something reads the monitor (the hub evaluates it every second) or once
+enough is pending; records older than the ring (a late span) are dropped. The span
+processor counts a request when its span reaches it (the tracer ships spans every 200 ms),
+well inside one bucket for sane windows. The "budget left" is computed over the longest alert
 window (the data kept), not the whole SLO period.
 """
 
@@ -337,6 +339,8 @@ class SloMonitor:
             latencies_s: their latencies (float64), in the same order.
             statuses: their gRPC status names, in the same order.
         """
+        if not models:
+            return
         pending = self._pending_many
         pending.append((models, latencies_s, statuses, self._clock()))
         if len(pending) >= _FOLD_MANY_AT:
