@@ -729,12 +729,15 @@ class RequestTracer:
 
     def _drain_chunks(self) -> Iterator[tuple[list[Any], list[Any]]]:
         """Take every record recorded so far, `SHIP_CHUNK` at a time, handing the GIL over
-        between chunks: every request reaches the fast processors (in bulk); yields each
-        chunk's sampled requests and its batches (the fast paths).
+        between chunks: every request reaches the fast processors (in bulk, a chunk at a
+        time); yields sampled requests, at least `SHIP_CHUNK` of them but for the last
+        ones (encoding has a fixed cost per call: at a low sampling ratio a chunk holds a
+        few), with the batches taken meanwhile (the fast paths).
 
         NOTE: typed `Any` (no `cast` calls: they cost a call per record here)."""
         records: deque[Any] = self._records
         left = len(records)
+        sampled: list[Any] = []
         while left > 0:
             take = min(left, SHIP_CHUNK)
             chunk = [records.popleft() for _ in range(take)]
@@ -747,9 +750,13 @@ class RequestTracer:
                 durations = list(map(operator.sub, map(_END, requests), map(_START, requests)))
                 for processor in self._fast_processors:
                     processor.on_requests_end(models, statuses, durations)
-            if not all(map(_SAMPLED_FLAG, requests)):
-                requests = [r for r in requests if r[4]]
-            yield requests, batches
+            if all(map(_SAMPLED_FLAG, requests)):
+                sampled += requests
+            else:
+                sampled += [r for r in requests if r[4]]
+            if len(sampled) >= SHIP_CHUNK or batches or not left:
+                yield sampled, batches
+                sampled = []
             if left > 0:
                 _hand_over_gil()
 

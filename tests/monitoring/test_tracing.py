@@ -582,6 +582,51 @@ def test_shipping_hands_the_gil_over_every_few_records(
     assert tracer.exported_spans == 100 * 4
 
 
+def test_sampled_requests_are_encoded_a_full_chunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a low sampling ratio a chunk holds few sampled requests: they are gathered over
+    chunks and encoded `SHIP_CHUNK` or more at a time (encoding has a fixed cost per call),
+    while every request still reaches the SLO feed and nothing sampled is lost."""
+    from monitoring import tracing
+
+    encoded: list[int] = []
+    encode = RequestTracer._encode_requests
+
+    def counting(self: RequestTracer, records: Sequence[Any], otlp: bool) -> Any:
+        encoded.append(len(records))
+        return encode(self, records, otlp)
+
+    monkeypatch.setattr(RequestTracer, "_encode_requests", counting)
+    monkeypatch.setattr(tracing, "SHIP_CHUNK", 16)
+    seen: list[int] = []
+
+    class Counting(tracing.RequestSpanProcessor):
+        def on_request_end(self, model: str, status: str, duration_ns: int) -> None:
+            seen.append(duration_ns)
+
+    tracer = RequestTracer(
+        TracingSettings(sampling_ratio=0.25, flush_interval_s=3600),
+        processors=[Counting()],
+        exporter=JsonLinesSpanExporter(tmp_path / "spans.jsonl"),
+    )
+    random.seed(5)
+    try:
+        handles = [tracer.begin(None) for _ in range(400)]
+        for handle in handles:
+            finish(tracer, handle)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    sampled = sum(h.sampled for h in handles)
+    assert 40 < sampled < 160 and len(seen) == 400
+    # One line with the resource per write, then the rest encoded together.
+    assert sum(encoded) + len(encoded) == sampled
+    assert all(n >= 16 - 1 for n in encoded[:-1]) and len(encoded) < 400 // 16
+    spans = (tmp_path / "spans.jsonl").read_text().splitlines()
+    assert len(spans) == sampled * 4 == tracer.exported_spans
+
+
 def test_flush_waits_for_what_the_shipper_thread_already_took() -> None:
     """`flush` returns only once every record so far is exported, including those the
     shipper thread took and is still exporting."""
