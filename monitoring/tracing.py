@@ -6,13 +6,13 @@ a small model. Instead the event loop appends one compact record per request (id
 timestamps, attributes: about 2 µs) and the engine threads one per batch; a shipper thread
 turns them, every `flush_interval_s`, straight into what the exporter sends: JSON lines for
 the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
-`OTLP_PAYLOAD_BYTES`). It takes the records `SHIP_CHUNK` at a time and encodes a chunk's
-requests a request shape (method, model, status, which child spans...) at a time: a shape
-compiles once to a fixed-width row of bytes (`span_rows`), and the ids, times and request
-ids of all its requests are converted and filled in with a few numpy calls. A request with
-four spans costs about 1.5 µs so (BENCHMARKS.md, "Monitoring overhead"), where one `%`
-format per request cost 6 µs, one `struct` pack 4.5 µs and building SDK `ReadableSpan`s
-and converting them 50 µs. `RequestSpanProcessor`s (the SLO monitor's) get the requests'
+`OTLP_PAYLOAD_BYTES`). It takes the records `SHIP_CHUNK` at a time and encodes the sampled
+requests (gathered until there are `SHIP_CHUNK`) a request shape (method, model, status,
+which child spans...) at a time: a shape compiles once to a fixed-width row of bytes
+(`span_rows`), and the ids, times and request ids of all its requests are converted and
+filled in with a few numpy calls. A request with four spans costs about 1-3 µs so with hot
+caches (BENCHMARKS.md, "Monitoring overhead"), where one `%` format per request cost 6 µs,
+one `struct` pack 4.5 µs and building SDK `ReadableSpan`s and converting them 50 µs. `RequestSpanProcessor`s (the SLO monitor's) get the requests'
 fields in bulk without any span object; other SDK span processors and exporters still
 work, and get `ReadableSpan`s built for them, one record at a time.
 
