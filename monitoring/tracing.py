@@ -3,7 +3,7 @@
 Why not `tracer.start_span` per request: the SDK's `_Span` costs 25-30 µs to start and end
 here, and a request has four spans, which would cost more than the whole request does on
 a small model. Instead the event loop appends one compact record per request (ids, monotonic
-timestamps, attributes: about 2 µs) and the engine threads one per batch; a shipper thread
+timestamps, attributes: about 1-2 µs) and the engine threads one per batch; a shipper thread
 turns them, every `flush_interval_s`, straight into what the exporter sends: JSON lines for
 the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
 `OTLP_PAYLOAD_BYTES`). It takes the records `SHIP_CHUNK` at a time and encodes the sampled
@@ -12,9 +12,10 @@ which child spans...) at a time: a shape compiles once to a fixed-width row of b
 (`span_rows`), and the ids, times and request ids of all its requests are converted and
 filled in with a few numpy calls. A request with four spans costs about 1-3 µs so with hot
 caches (BENCHMARKS.md, "Monitoring overhead"), where one `%` format per request cost 6 µs,
-one `struct` pack 4.5 µs and building SDK `ReadableSpan`s and converting them 50 µs. `RequestSpanProcessor`s (the SLO monitor's) get the requests'
-fields in bulk without any span object; other SDK span processors and exporters still
-work, and get `ReadableSpan`s built for them, one record at a time.
+one `struct` pack 4.5 µs and building SDK `ReadableSpan`s and converting them 50 µs.
+`RequestSpanProcessor`s (the SLO monitor's) get the requests' fields in bulk without any
+span object; other SDK span processors and exporters still work, and get `ReadableSpan`s
+built for them, one record at a time.
 
 Sampling: a request continuing an incoming W3C `traceparent` follows the parent's sampled
 flag; otherwise a trace-id ratio (like `TraceIdRatioBased`) decides. Every request still
