@@ -854,12 +854,11 @@ class RequestTracer:
             values += (at[0], at[7])
             if key[8]:
                 assert request_ids is not None
-                chosen = [request_ids[i] for i in index.tolist()]
-                values.append(
-                    np.frombuffer(b"".join(chosen), np.uint8).reshape(m, key[8])  # type: ignore[arg-type]
-                    if otlp
-                    else text_bytes(chosen, key[8])  # type: ignore[arg-type]
-                )
+                chosen: list[Any] = [request_ids[i] for i in index.tolist()]
+                if otlp:  # UTF-8 bytes
+                    values.append(np.frombuffer(b"".join(chosen), np.uint8).reshape(m, key[8]))
+                else:  # JSON strings
+                    values.append(text_bytes(chosen, key[8]))
             first_child = (32 if key[7] else 24) * scale
             for p, (begin, end) in enumerate(pairs):
                 child = ids[:, first_child + 8 * scale * p : first_child + 8 * scale * (p + 1)]
