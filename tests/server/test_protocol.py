@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -278,6 +279,29 @@ def test_message_over_the_configured_size_is_resource_exhausted(
         assert server.terminate() == 0
 
 
+def _wait_for_queue_depth(server: ServerProcess, depth: int, futures: list[Any]) -> None:
+    """Poll the server's `batchwire_queue_depth` until it reaches `depth` (fails if a call
+    ends first, or after 60 s)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 60
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    while time.monotonic() < deadline:
+        assert not any(f.done() for f in futures), "a call ended before all were queued"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        queued = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("batchwire_queue_depth{")
+        )
+        if queued >= depth:
+            return
+        time.sleep(0.02)  # (polling an observable state, not standing in for it)
+    raise AssertionError(f"fewer than {depth} requests queued after 60 s")
+
+
 def test_sigterm_finishes_queued_requests_then_exits_zero(
     digits_repository: Path, tmp_path: Path, images: tuple[np.ndarray, np.ndarray]
 ) -> None:
@@ -299,10 +323,10 @@ def test_sigterm_finishes_queued_requests_then_exits_zero(
             slow_stub = pb_grpc.GRPCInferenceServiceStub(ch)
             x = images[0]
             futures = [slow_stub.ModelInfer.future(infer_request(x[i : i + 1])) for i in range(6)]
-            # NOTE: a round trip on the same connection after the sends: the server has
-            # received (accepted) the six calls before we signal it.
-            assert slow_stub.ServerLive(pb.ServerLiveRequest()).live
-            assert not any(f.done() for f in futures)
+            # NOTE: signal only once the six are in the batcher's queue (its depth on the
+            # metrics endpoint): a call the server has received but not yet handed to
+            # its handler is cancelled by grpc's stop, as any new call is.
+            _wait_for_queue_depth(server, 6, futures)
             server.process.send_signal(15)
             results = [outputs_of(f.result(timeout=60)) for f in futures]
         for out in results:  # every queued request got its complete answer

@@ -32,7 +32,10 @@ def test_two_workers_share_the_port_and_stop_on_sigterm(
         # Each channel is a new TCP connection, which the kernel hands to either worker;
         # each worker counts only its own requests.
         for _ in range(16):
-            with grpc.insecure_channel(server.address) as channel:
+            # NOTE: a subchannel of its own: grpc otherwise may hand a new channel the
+            # previous one's connection (the global subchannel pool), i.e. the same worker.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(server.address, options=options) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 stub.ModelInfer(request)
                 stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"))
