@@ -44,8 +44,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import compress
-from operator import itemgetter
+from itertools import chain, compress
 from typing import Any, Final
 
 import numpy as np
@@ -194,9 +193,9 @@ class _ModelWindows:
 
 def _count_records(
     windows: _ModelWindows,
-    latencies: Sequence[float] | np.ndarray,
+    latencies: np.ndarray,
     statuses: list[str],
-    times: Sequence[float] | np.ndarray,
+    times: np.ndarray,
 ) -> None:
     """Count one model's records (in the order they were recorded) into its buckets."""
     latency = np.asarray(latencies, dtype=np.float64)
@@ -358,58 +357,46 @@ class SloMonitor:
         pending, many, fed = self._pending, self._pending_many, self._pending_ns
         # NOTE: `popleft` until the count taken, not a copy and `clear`: record() may
         # append meanwhile (deque operations are atomic), and nothing appended may be lost.
-        records = [pending.popleft() for _ in range(len(pending))]
-        batches: list[tuple[Sequence[str], np.ndarray, Sequence[str], float | np.ndarray]] = [
-            many.popleft() for _ in range(len(many))
-        ]
+        # Each feed becomes columns: models, latencies (s), statuses, times (s).
+        columns: list[tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray]] = []
+        models: Sequence[str]
+        statuses: Sequence[str]
+        if pending:
+            models, latencies, statuses, times = zip(
+                *[pending.popleft() for _ in range(len(pending))], strict=True
+            )
+            columns.append((models, np.asarray(latencies, np.float64), statuses,
+                            np.asarray(times, np.float64)))  # fmt: skip
+        for _ in range(len(many)):
+            models, latencies_s, statuses, now = many.popleft()
+            columns.append((models, latencies_s, statuses, np.full(len(models), now)))
         if fed:
-            fed_models, fed_statuses, starts, ends = zip(
+            models, statuses, starts, ends = zip(
                 *[fed.popleft() for _ in range(len(fed))], strict=True
             )
             end_s = np.asarray(ends, np.float64) / 1e9
-            latency_s = end_s - np.asarray(starts, np.float64) / 1e9
-            for model in set(fed_models):  # (few models: each with its requests' own times)
-                chosen = np.fromiter(map(model.__eq__, fed_models), bool, len(fed_models))
-                batches.append((
-                    [model] * int(chosen.sum()), latency_s[chosen],
-                    list(compress(fed_statuses, chosen)), end_s[chosen],
-                ))  # fmt: skip
-        if not records and not batches:
-            return
-        names = set(map(itemgetter(0), records))
-        for models, *_ in batches:
-            if models.count(models[0]) == len(models):
-                names.add(models[0])
-            else:
-                names.update(models)
-        for name in names:
-            windows = self._models.get(name)
-            if windows is None:
-                continue
-            latencies: list[np.ndarray] = []
-            statuses: list[str] = []
-            times: list[np.ndarray] = []
-            group = records if len(names) == 1 else [r for r in records if r[0] == name]
-            if group:
-                _, group_latencies, group_statuses, group_times = zip(*group, strict=True)
-                latencies.append(np.asarray(group_latencies, np.float64))
-                statuses += group_statuses
-                times.append(np.asarray(group_times, np.float64))
-            for models, batch_latencies, batch_statuses, now in batches:
-                if len(names) == 1:
-                    latencies.append(batch_latencies)
-                    statuses += batch_statuses
-                    if isinstance(now, np.ndarray):
-                        times.append(now)
+            columns.append((models, end_s - np.asarray(starts, np.float64) / 1e9, statuses,
+                            end_s))  # fmt: skip
+        # Split once by model, then count each model's share in one go.
+        parts: dict[str, list[tuple[np.ndarray, Sequence[str], np.ndarray]]] = {}
+        for models, latencies_s, statuses, times_s in columns:
+            one_model = models.count(models[0]) == len(models)
+            for name in [models[0]] if one_model else set(models):
+                if name not in self._models:
+                    continue
+                if one_model:
+                    parts.setdefault(name, []).append((latencies_s, statuses, times_s))
                 else:
                     chosen = np.fromiter(map(name.__eq__, models), bool, len(models))
-                    latencies.append(batch_latencies[chosen])
-                    statuses += compress(batch_statuses, chosen)
-                    if isinstance(now, np.ndarray):
-                        times.append(now[chosen])
-                if not isinstance(now, np.ndarray):  # one time for the whole call
-                    times.append(np.full(len(latencies[-1]), now))
-            _count_records(windows, np.concatenate(latencies), statuses, np.concatenate(times))
+                    parts.setdefault(name, []).append(
+                        (latencies_s[chosen], list(compress(statuses, chosen)), times_s[chosen])
+                    )
+        for name, shares in parts.items():
+            latency_parts, status_parts, time_parts = zip(*shares, strict=True)
+            _count_records(
+                self._models[name], np.concatenate(latency_parts),
+                list(chain.from_iterable(status_parts)), np.concatenate(time_parts),
+            )  # fmt: skip
 
     def burn_rates(self, model: str, now_s: float | None = None) -> dict[str, dict[float, float]]:
         """SLI -> window length -> burn rate, for every window the model's rules use."""
