@@ -156,12 +156,6 @@ class Monitoring:
         with self._drift_lock:
             return list(self._drift.values())
 
-    # ------------------------------------------------------------ front door
-    def record_request(self, model: str, latency_s: float, status: str) -> None:
-        """Feed the SLO monitor one request (front doors with tracing off: the servicer
-        uses the cheaper `slo.feed`)."""
-        self.slo.record(model, latency_s, status)
-
     # ------------------------------------------------------------ lifecycle
     def registry(self, runtime: ModelRuntime) -> CollectorRegistry:
         """A Prometheus registry with every collector of this server."""

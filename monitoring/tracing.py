@@ -813,16 +813,17 @@ class RequestTracer:
             shapes.tolist(), (parents != 0).tolist(), widths,
         ]  # fmt: skip
         groups: dict[tuple[Any, ...], int] = {}
+        code_array: np.ndarray | None = None  # each request's group (None: all in one)
         if all(column.count(column[0]) == n for column in key_columns):
             # One shape (the usual case): no key per request (`count` compares by identity
             # first, a few ns a value).
             groups[tuple(column[0] for column in key_columns)] = 0
         else:
             codes = [groups.setdefault(key, len(groups)) for key in zip(*key_columns, strict=True)]
+            code_array = np.array(codes) if len(groups) > 1 else None
         traces = int_bytes(columns[1], 16)
         span_ids = be64(np.array(columns[2], np.uint64))
         parent_ids = be64(parents)
-        code_array = np.array(codes) if len(groups) > 1 else None
         # NOTE: few numpy calls per group, each over all its requests: a call costs about
         # 1 µs whatever its size, and large ones run with the GIL released.
         scale = 1 if otlp else 2  # bytes per id byte: raw, or two hex digits
