@@ -216,7 +216,9 @@ class DriftConfig(BaseModel):
     """At most about this many samples a second join the window (whole requests or
     batches, taken while the budget lasts; 0 = every sample). Above that rate the window
     spans `window_samples / max_samples_per_s` seconds or more instead of the last
-    fraction of a second, and the requests that are not taken cost one clock read."""
+    fraction of a second. The CPU lane offers the monitor about one request in
+    `rate / max_samples_per_s` (re-estimated every evaluation); the others cost a counter
+    decrement."""
 
 
 class AutoscalingConfig(BaseModel):

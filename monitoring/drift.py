@@ -26,7 +26,11 @@ their reference share is 0. Bins are right-closed: bin i holds (edges[i-1], edge
 
 **Server side.** `DriftMonitor.observe` only appends references to a batch's arrays to a
 deque (about 0.5 µs), at most about `max_samples_per_s` samples a second (a token bucket:
-at higher rates the rest cost a clock read); `scores` / `evaluate` histogram the last
+at higher rates the rest cost a clock read). On the CPU lane, where each request is a call,
+the caller also thins the calls without making them (`lane_gap`): above the budget's rate
+it observes about one request in `lane_stride` (re-estimated at each `evaluate` from the
+lane's request rate, at random gaps so that periodic traffic is not aliased), and the
+others cost it a counter decrement. `scores` / `evaluate` histogram the last
 `window_samples` samples on demand, vectorised, off the event loop (the monitoring hub
 evaluates once a second in a thread). Each change of a group's state is logged once as a
 JSON event (logger `monitoring.drift`); `DriftCollector` exports the scores to Prometheus.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -380,6 +385,13 @@ class DriftMonitor:
         self._budget = self._rate
         self._refilled_s = clock()
         self._confidence_output = config.confidence_output if profile.confidence else None
+        self.lane_stride = 1
+        """CPU-lane requests per `observe` call the lane makes, on average (`lane_gap`)."""
+        # NOTE: `lane_gap` adds to this on the event loop, `evaluate` reads and resets it on
+        # its thread, without a lock: a lost update skews one estimate, nothing worse.
+        self._lane_requests = 0
+        self._lane_since_s = self._refilled_s
+        self._uniform = random.Random(f"{model}/{version}").random
         self._lock = threading.Lock()
         self._window: deque[_Entry] = deque()
         """Entries in the window, oldest first (under `_lock`)."""
@@ -425,6 +437,35 @@ class DriftMonitor:
         if len(pending) * n >= self._window_limit:
             with self._lock:
                 self._fold()
+
+    def lane_gap(self) -> int:
+        """CPU-lane requests until the next one the lane is to `observe` (1 = the next
+        one); the lane calls this with each request it observes.
+
+        Random, from 1 to `2 * lane_stride - 1` (averaging `lane_stride`), not every
+        `lane_stride`-th request: traffic that cycles through a fixed set of inputs would
+        otherwise be seen through a fixed subset of them.
+        """
+        stride = self.lane_stride
+        gap = 1 if stride == 1 else 1 + int(self._uniform() * (2 * stride - 1))
+        self._lane_requests += gap
+        return gap
+
+    def _update_lane_stride(self) -> None:
+        """Re-estimate `lane_stride` from the lane's requests since the last estimate:
+        about as many `observe` calls a second as the budget admits samples (every request
+        below that rate, or without a budget); unchanged after a spell without any."""
+        now = self._clock()
+        elapsed = now - self._lane_since_s
+        if elapsed <= 0:
+            return
+        requests, self._lane_requests = self._lane_requests, 0
+        self._lane_since_s = now
+        rate = self._rate
+        if not rate:
+            self.lane_stride = 1
+        elif requests:  # NOTE: no lane traffic says nothing of the next: the stride stays
+            self.lane_stride = max(1, int(requests / elapsed / rate))
 
     def _fold(self) -> None:
         """Move the pending entries into the window and drop the entries that left it
@@ -529,6 +570,7 @@ class DriftMonitor:
             The feature groups not `ok` now.
         """
         with self._evaluate_lock:
+            self._update_lane_stride()
             scores = self.scores()
             now_s = self._clock()
             states = {feature: self.state_of(score) for feature, score in scores.items()}
@@ -576,6 +618,7 @@ class DriftMonitor:
         return {
             "window_samples": window_samples,
             "observed_total": observed,
+            "lane_stride": self.lane_stride,
             "window_age_s": None if oldest_s is None else self._clock() - oldest_s,
             "scores": scores,
             "states": states,

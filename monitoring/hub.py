@@ -2,8 +2,8 @@
 
 The runtime knows none of this: it calls the per-version observers this module builds
 (`observer_factory`) and the load/unload hooks; the front door feeds the SLO monitor
-(`slo.feed`, when tracing is off) or the tracer. One evaluation thread re-checks SLO and drift
-alerts every `evaluate_interval_s`.
+(`slo.ok_feeds` and `slo.feed`, when tracing is off) or the tracer. One evaluation thread
+re-checks SLO and drift alerts every `evaluate_interval_s`.
 
 NOTE: a thread, not an asyncio task sleeping on the event loop: while any timer is
 scheduled, every turn of the loop reads the clock once more and computes a timeout, and
@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 from prometheus_client import CollectorRegistry
@@ -50,14 +51,14 @@ class MonitoringSettings:
     """How often SLO burn rates and drift scores are re-evaluated."""
 
 
-def _ignore_lane(inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-    """`on_lane` of a version without drift monitoring."""
+#: `lane_countdown` of a version without drift monitoring: its lane never calls `on_lane`.
+_NEVER: Final = 1 << 62
 
 
 class _VersionObserver:
     """The observer of one model version: batch spans and drift."""
 
-    __slots__ = ("model", "version", "tracer", "drift", "on_lane")
+    __slots__ = ("model", "version", "tracer", "drift", "lane_countdown")
 
     def __init__(
         self, model: str, version: str, tracer: RequestTracer | None, drift: DriftMonitor | None
@@ -66,12 +67,18 @@ class _VersionObserver:
         self.version = version
         self.tracer = tracer
         self.drift = drift
-        # NOTE: the drift monitor's own method (or a no-op), not a method calling it: the
-        # inline lane calls this on the event loop for every request.
-        self.on_lane: Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None] = (
-            drift.observe if drift is not None else _ignore_lane
-        )
-        """Observe one CPU-lane request (`ModelObserver.on_lane`)."""
+        self.lane_countdown = 1 if drift is not None else _NEVER
+        """CPU-lane requests until the next `on_lane` (`ModelObserver`): the drift monitor's
+        `lane_gap`."""
+
+    def on_lane(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        """Observe one CPU-lane request (`ModelObserver.on_lane`): drift."""
+        drift = self.drift
+        if drift is None:
+            self.lane_countdown = _NEVER
+            return
+        self.lane_countdown = drift.lane_gap()
+        drift.observe(inputs, outputs)
 
     def on_batch(self, batch: ExecutedBatch) -> None:
         if self.drift is not None and batch.outputs is not None:

@@ -23,12 +23,17 @@ short window, so a shrunk test config works the same; longer when the ring would
 (about 8,600 buckets for the default rules). A window of length W sums the trailing
 `ceil(W / bucket)` buckets, the current partial one included. Latency percentiles come from
 a log-spaced histogram (bins 10% apart, so a percentile is the upper edge of its bin:
-at most 10% high) per bucket over the shortest short window. Feeding it is one deque append:
-`feed` (the front door, per request, on the event loop: a tuple of monotonic ns, no Python
-frame), `record` (one request, about 0.25 µs) or `record_many` (the tracer's span
-processor, a chunk of requests as columns); what was fed is counted in batches, vectorised
-with numpy, when something reads the monitor (the hub evaluates it every second) or once
-enough is pending; records older than the ring (a late span) are dropped. The span
+at most 10% high) per bucket over the shortest short window. Feeding it is one C call, no
+Python frame: `ok_feeds[model](latency_ns)` (the front door, per successful request, on the
+event loop: a `list.append` of an int), `feed` (the front door's other
+requests: a deque append of a tuple of monotonic ns), `record` (one request, about
+0.25 µs, a deque append) or `record_many` (the tracer's span processor, a chunk of requests
+as columns); what was fed is counted in batches, vectorised with numpy, when something
+reads the monitor (the hub evaluates it every second) or once enough is pending; records
+older than the ring (a late span) are dropped. What `ok_feeds` took is dated when it is
+counted (the next evaluation: at most `evaluate_interval_s` late), not when each request
+ended; with bucket lengths of a tenth of the shortest window, that moves a request into a
+later bucket only for windows shrunk to seconds (tests). The span
 processor counts a request when its span reaches it (the tracer ships spans every 200 ms),
 well inside one bucket for sane windows. The "budget left" is computed over the longest alert
 window (the data kept), not the whole SLO period.
@@ -44,6 +49,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain, compress
 from typing import Any, Final
 
@@ -194,15 +200,16 @@ class _ModelWindows:
 def _count_records(
     windows: _ModelWindows,
     latencies: np.ndarray,
-    statuses: list[str],
+    statuses: list[str] | None,
     times: np.ndarray,
 ) -> None:
-    """Count one model's records (in the order they were recorded) into its buckets."""
+    """Count one model's records (in the order they were recorded) into its buckets
+    (`statuses` None: every one succeeded)."""
     latency = np.asarray(latencies, dtype=np.float64)
     index = (np.asarray(times, dtype=np.float64) / windows.bucket_s).astype(np.int64)
     ok: np.ndarray | None = None  # None: every record succeeded
     failed: np.ndarray | None = None
-    if statuses.count("OK") != len(statuses):
+    if statuses is not None and statuses.count("OK") != len(statuses):
         ok = np.fromiter((s == "OK" for s in statuses), bool, len(statuses))
         failed = np.fromiter((s in SERVER_FAILURES for s in statuses), bool, len(statuses))
         counted = ok | failed  # client errors count in neither SLI, nor move the ring
@@ -236,6 +243,20 @@ def _add_counts(ring: list[int], slots: np.ndarray) -> None:
     if slots.size:
         for slot, count in zip(*np.unique(slots, return_counts=True), strict=True):
             ring[int(slot)] += int(count)
+
+
+class _OkFeeds(dict[str, Callable[[int], None]]):
+    """`SloMonitor.ok_feeds`: model -> count one successful request by its latency (ns);
+    a model's first lookup makes its feed."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[str], Callable[[int], None]]) -> None:
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, model: str) -> Callable[[int], None]:
+        return self._make(model)
 
 
 def burn_rate(bad: int, total: int, objective: float) -> float:
@@ -274,6 +295,14 @@ class SloMonitor:
         (the hub evaluates it every second); past `_FEED_MAX` entries waiting, the oldest
         are dropped. With an injected clock it is `record` (the feed's times are
         `time.monotonic`'s)."""
+        self._ok_ns: dict[str, list[int]] = {}
+        """Latencies (ns) taken by `ok_feeds`, per model, not yet counted."""
+        self.ok_feeds = _OkFeeds(self._make_ok_feed)
+        """Model -> count one *successful* request of it, given its latency in ns: the
+        front door's per-request feed for the common case (`list.append`: a C call, no
+        frame, no argument parsing; counted, dated now, at the next read; the hub reads
+        every second, and what waits meanwhile grows by about 40 bytes a request). With
+        an injected clock it is `record` on that clock."""
         self._models: dict[str, _ModelWindows] = {}
         self._firing: dict[tuple[str, str, str], AlertState] = {}
         for model, slo in objectives.items():
@@ -323,6 +352,23 @@ class SloMonitor:
             with self._lock:
                 self._fold()
 
+    def _make_ok_feed(self, model: str) -> Callable[[int], None]:
+        """The `ok_feeds` entry of a model, made on its first lookup."""
+        with self._lock:
+            feed = self.ok_feeds.get(model)  # NOTE: `get` does not call __missing__
+            if feed is None:
+                if self._clock is time.monotonic:
+                    latencies: list[int] = []
+                    self._ok_ns[model] = latencies
+                    feed = latencies.append
+                else:
+                    feed = partial(self._record_ok_ns, model)
+                self.ok_feeds[model] = feed
+            return feed
+
+    def _record_ok_ns(self, model: str, latency_ns: int) -> None:
+        self.record(model, latency_ns / 1e9, "OK")
+
     def _feed_on_clock(self, request: tuple[str, str, int, int]) -> None:
         model, status, start_ns, end_ns = request
         self.record(model, (end_ns - start_ns) / 1e9, status)
@@ -345,6 +391,11 @@ class SloMonitor:
         if len(pending) >= _FOLD_MANY_AT:
             with self._lock:
                 self._fold()
+
+    def fold(self) -> None:
+        """Count what was fed now (every read does it first)."""
+        with self._lock:
+            self._fold()
 
     def _fold(self) -> None:
         """Count the pending records into their models' buckets (with `_lock` held).
@@ -378,7 +429,21 @@ class SloMonitor:
             columns.append((models, end_s - np.asarray(starts, np.float64) / 1e9, statuses,
                             end_s))  # fmt: skip
         # Split once by model, then count each model's share in one go.
-        parts: dict[str, list[tuple[np.ndarray, Sequence[str], np.ndarray]]] = {}
+        parts: dict[str, list[tuple[np.ndarray, Sequence[str] | None, np.ndarray]]] = {}
+        now_s: float | None = None
+        for name, taken in self._ok_ns.items():
+            n = len(taken)
+            if not n:
+                continue
+            # NOTE: a copy, then `del`: both C calls under the GIL, so an append between
+            # them lands after the n taken.
+            latencies_ns = np.fromiter(taken[:n], np.int64, n)
+            del taken[:n]
+            if name in self._models:
+                now_s = self._clock() if now_s is None else now_s
+                parts.setdefault(name, []).append(
+                    (latencies_ns / 1e9, None, np.full(n, now_s))
+                )  # fmt: skip
         for models, latencies_s, statuses, times_s in columns:
             one_model = models.count(models[0]) == len(models)
             for name in [models[0]] if one_model else set(models):
@@ -393,9 +458,15 @@ class SloMonitor:
                     )
         for name, shares in parts.items():
             latency_parts, status_parts, time_parts = zip(*shares, strict=True)
+            statuses_all: list[str] | None = None
+            if any(part is not None for part in status_parts):
+                statuses_all = list(chain.from_iterable(
+                    ["OK"] * len(latencies_s) if part is None else part
+                    for latencies_s, part in zip(latency_parts, status_parts, strict=True)
+                ))  # fmt: skip
             _count_records(
-                self._models[name], np.concatenate(latency_parts),
-                list(chain.from_iterable(status_parts)), np.concatenate(time_parts),
+                self._models[name], np.concatenate(latency_parts), statuses_all,
+                np.concatenate(time_parts),
             )  # fmt: skip
 
     def burn_rates(self, model: str, now_s: float | None = None) -> dict[str, dict[float, float]]:

@@ -44,7 +44,7 @@ class InlinePath:
     """
 
     __slots__ = (
-        "model", "version", "_lane", "_inputs", "_outputs", "_max_samples", "_template",
+        "model", "name", "version", "_lane", "_inputs", "_outputs", "_max_samples", "_template",
         "_answers",
     )  # fmt: skip
 
@@ -53,6 +53,9 @@ class InlinePath:
         if lane is None or not lane.inline:
             raise ValueError(f"model {model.config.name} has no inline CPU lane")
         self.model = model
+        self.name = model.config.name
+        """The model's name (one string, its hash computed once: `request.model_name`
+        makes a new one at each read)."""
         self.version = str(model.version)
         """The version as the protocol spells it."""
         self._lane = lane
@@ -137,8 +140,11 @@ class InlinePath:
         stats = model.stats
         try:
             outputs = self._lane.run_inline(inputs, samples)
-            if outputs is not None and model.observer is not None:
-                model.observer.on_lane(inputs, outputs)
+            observer = model.observer
+            if outputs is not None and observer is not None:
+                observer.lane_countdown -= 1  # NOTE: see ModelObserver: a call 1 in N
+                if observer.lane_countdown <= 0:
+                    observer.on_lane(inputs, outputs)
         except BaseException as exc:
             stats.count_error(exc, time.monotonic_ns() - start_ns)
             raise

@@ -86,10 +86,19 @@ class VersionStats:
 
 
 class ModelObserver(BatchObserver, Protocol):
-    """Monitoring of one model version: sees its batches and its CPU-lane requests."""
+    """Monitoring of one model version: sees its batches and some of its CPU-lane requests.
+
+    The lane decrements `lane_countdown` for each request it computes and calls `on_lane`
+    when it reaches 0 or below (`on_lane` sets it again): an observer that needs one
+    request in N costs the others a decrement, not a call.
+    """
+
+    lane_countdown: int
+    """CPU-lane requests left until the next `on_lane` call (1: the next request)."""
 
     def on_lane(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        """Observe one request computed on the CPU lane (on the event loop: keep it cheap)."""
+        """Observe one request computed on the CPU lane and set `lane_countdown` (on the
+        event loop: keep it cheap)."""
 
 
 #: Builds the observer of a model version being loaded: (config, version, folder) -> observer.
@@ -430,8 +439,11 @@ class ModelRuntime:
                     timing.compute_end_ns = time.monotonic_ns()
                     timing.batch_samples = samples
                     timing.batch_requests = 1
-                if model.observer is not None:
-                    model.observer.on_lane(request.inputs, outputs)
+                observer = model.observer
+                if observer is not None:
+                    observer.lane_countdown -= 1
+                    if observer.lane_countdown <= 0:
+                        observer.on_lane(request.inputs, outputs)
         except BaseException as exc:
             model.stats.count_error(exc, time.monotonic_ns() - start_ns)
             raise

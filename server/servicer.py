@@ -188,13 +188,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if answer is None and status == "OK":
                 pass  # stepped aside: the general path records this request
             elif tracer is None:
-                monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
+                if status == "OK":
+                    monitoring.slo.ok_feeds[path.name](end_ns - start_ns)
+                else:
+                    monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
             else:
                 assert timing is not None
                 # The spans of a CPU-lane request: decode up to the lane call, encode after.
                 compute_start_ns, compute_end_ns = timing.compute_start_ns, timing.compute_end_ns
                 tracer.record_request(
-                    context.invocation_metadata(), method, request.model_name, path.version,
+                    context.invocation_metadata(), method, path.name, path.version,
                     "cpu", timing.batch_samples, request.id, status, start_ns,
                     compute_start_ns or end_ns, compute_start_ns, compute_end_ns,
                     compute_end_ns or end_ns, end_ns,
@@ -365,6 +368,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     handle, method, request.model_name, version, lane, samples, request.id,
                     status, start_ns, decoded_ns, timing, encode_ns, end_ns,
                 )  # fmt: skip
+            elif status == "OK":
+                monitoring.slo.ok_feeds[request.model_name](end_ns - start_ns)
             else:
                 monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
 

@@ -315,6 +315,68 @@ def test_at_most_max_samples_per_s_join_the_window(
     assert everything.observed_total == 500
 
 
+class Lane:
+    """What the CPU lane does with a drift monitor's `lane_gap` (see `ModelObserver`)."""
+
+    def __init__(self, monitor: DriftMonitor, clock: FakeClock, batch: dict[str, np.ndarray]):
+        self.monitor, self.clock, self.batch = monitor, clock, batch
+        self.countdown = 1
+
+    def second(self, requests: int) -> int:
+        """`requests` spread over one second; how many were offered to `observe`."""
+        offered = 0
+        for _ in range(requests):
+            self.clock.now_s += 1 / requests
+            self.countdown -= 1
+            if self.countdown <= 0:
+                self.countdown = self.monitor.lane_gap()
+                self.monitor.observe(self.batch, {})
+                offered += 1
+        return offered
+
+
+def test_the_cpu_lane_offers_about_the_budgets_rate_of_requests(
+    profile: ReferenceProfile, x_test: np.ndarray
+) -> None:
+    """`lane_stride` follows the lane's request rate (re-estimated at `evaluate`) so that
+    the lane calls `observe` about `max_samples_per_s` times a second, at random gaps
+    averaging the stride; 1 below that rate or without a budget, unchanged without
+    traffic."""
+    clock = FakeClock()
+    config = DriftConfig(window_samples=1000, min_samples=10, max_samples_per_s=100)
+    monitor = DriftMonitor("digits", "1", profile, config, clock=clock)
+    assert monitor.lane_stride == 1 and monitor.lane_gap() == 1
+    monitor.evaluate()
+    lane = Lane(monitor, clock, {"INPUT": x_test[:1]})
+    offered = []
+    for _ in range(3):  # 3 s of 1,000 requests a second
+        offered.append(lane.second(1000))
+        monitor.evaluate()
+    assert offered[0] == 1000  # the first second: every request (the stride was 1)
+    assert 80 <= offered[2] <= 120  # then about 100 a second
+    stride = monitor.lane_stride  # estimated from the gaps drawn: about 10
+    assert 9 <= stride <= 11
+    drawn = DriftMonitor("digits", "2", profile, config, clock=clock)
+    drawn.lane_stride = stride
+    gaps = [drawn.lane_gap() for _ in range(5000)]
+    assert min(gaps) == 1 and max(gaps) == 2 * stride - 1
+    assert 0.95 * stride <= np.mean(gaps) <= 1.05 * stride
+    clock.now_s += 1.0  # no traffic for a second: no news, the stride stays
+    monitor.evaluate()
+    assert monitor.lane_stride == stride
+    for _ in range(2):  # 50 requests a second, below the budget: every request again
+        lane.second(50)
+        monitor.evaluate()
+    assert monitor.lane_stride == 1
+    assert lane.second(50) == 50
+    unbounded = DriftMonitor(
+        "digits", "1", profile, config.model_copy(update={"max_samples_per_s": 0}), clock=clock
+    )
+    Lane(unbounded, clock, {"INPUT": x_test[:1]}).second(1000)
+    unbounded.evaluate()
+    assert unbounded.lane_stride == 1
+
+
 def test_variable_shapes_in_one_window_are_scored() -> None:
     reference = np.random.default_rng(0).integers(0, 100, (1000, 8))
     built = build_profile({"IDS": reference}, None)

@@ -335,9 +335,10 @@ def test_the_tracers_bulk_feed_counts_as_one_request_at_a_time(clock: Clock) -> 
 
 
 @pytest.mark.parametrize("injected_clock", [False, True])
-def test_the_front_doors_feed_counts_what_record_counts(injected_clock: bool) -> None:
-    """`feed` (one deque append of monotonic ns per request) counts as `record` does; with
-    an injected clock it is `record` on that clock."""
+def test_the_front_doors_feeds_count_what_record_counts(injected_clock: bool) -> None:
+    """`feed` (one deque append of monotonic ns per request) and `ok_feeds` (a list
+    append of a successful request's latency) count as `record` does; with an injected
+    clock they are `record` on that clock."""
     clock = Clock() if injected_clock else None
     fed = SloMonitor({"digits": shrunk()}, **({"clock": clock} if clock else {}))
     recorded = SloMonitor({"digits": shrunk()}, **({"clock": clock} if clock else {}))
@@ -349,14 +350,25 @@ def test_the_front_doors_feed_counts_what_record_counts(injected_clock: bool) ->
         ("other", "OK", now - 1_000, now),
         ("digits", "INVALID_ARGUMENT", now - 1_000, now),
     ]
-    for request in requests:
+    for model, status, start_ns, end_ns in requests[:2]:  # the successes, one each way
+        fed.ok_feeds[model](end_ns - start_ns)
+        fed.feed((model, status, start_ns, end_ns))
+    for request in requests[2:]:
         fed.feed(request)
+    requests.extend(requests[:2])
     for model, status, start_ns, end_ns in requests:
         recorded.record(model, (end_ns - start_ns) / 1e9, status)
     slis = fed.snapshot()["digits"]["slis"]
     assert slis == recorded.snapshot()["digits"]["slis"]
-    assert slis["availability"]["events"] == 3 and slis["availability"]["bad_events"] == 1
-    assert slis["latency"]["events"] == 2 and slis["latency"]["bad_events"] == 1
+    assert slis["availability"]["events"] == 5 and slis["availability"]["bad_events"] == 1
+    assert slis["latency"]["events"] == 4 and slis["latency"]["bad_events"] == 2
+    assert set(fed.ok_feeds) == {"digits"}
+    fed.ok_feeds["other"](1_000)  # a model without an objective: not counted
+    fed.ok_feeds["digits"](int(FAST_S * 1e9))  # counted once, at the next read
+    assert fed.snapshot()["digits"]["slis"]["latency"]["events"] == 5
+    assert fed.snapshot()["digits"]["slis"]["latency"]["events"] == 5
+    if not injected_clock:
+        assert fed._ok_ns["digits"] == []  # taken by the reads
 
 
 def test_collector_exposes_objectives_burn_rates_and_alerts(

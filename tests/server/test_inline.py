@@ -151,13 +151,18 @@ async def test_a_closing_model_steps_aside(runtime: ModelRuntime) -> None:
 
 
 class LaneRecorder:
-    def __init__(self) -> None:
+    """An observer wanting one CPU-lane request in `gap`."""
+
+    def __init__(self, gap: int = 1) -> None:
         self.seen: list[tuple[np.ndarray, np.ndarray]] = []
+        self.gap = gap
+        self.lane_countdown = 1
 
     def on_batch(self, batch: object) -> None:
         pass
 
     def on_lane(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+        self.lane_countdown = self.gap
         self.seen.append((inputs["INPUT"], outputs["OUTPUT"]))
 
 
@@ -182,6 +187,26 @@ async def test_the_observer_sees_lane_requests_and_engine_failures_are_counted(
         path.infer(request(x))
     assert raised.value.code is ErrorCode.INTERNAL
     assert model.stats.fail.count == 1 and model.stats.failures == {"INTERNAL": 1}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("inline", [True, False], ids=["fast path", "general path"])
+async def test_the_lane_calls_the_observer_when_its_countdown_runs_out(
+    runtime: ModelRuntime, inline: bool
+) -> None:
+    """Both ways onto the lane skip the requests the observer's countdown leaves out."""
+    model, path = fast_path(runtime)
+    recorder = LaneRecorder(gap=3)
+    model.observer = recorder
+    xs = [np.full((1, 64), i, np.float32) for i in range(8)]
+    for x in xs:
+        if inline:
+            assert path.infer(request(x)) is not None
+        else:
+            await general(runtime, request(x))
+    assert model.stats.lane_requests["cpu"] == 8
+    assert [int(seen[0][0, 0]) for seen in recorder.seen] == [0, 3, 6]
+    assert recorder.lane_countdown == 2  # the 8th request was the first of the next 3
 
 
 class ReshapingEngine:
