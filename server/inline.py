@@ -17,7 +17,6 @@ from typing import Any, Final
 import numpy as np
 
 from batchwire.datatypes import NUMPY_DTYPES
-from batchwire.types import RequestTiming
 from protos import grpc_service_pb2 as pb
 from server.codec import append_outputs
 from server.runtime import ModelVersion
@@ -45,7 +44,7 @@ class InlinePath:
 
     __slots__ = (
         "model", "name", "version", "_lane", "_inputs", "_outputs", "_max_samples", "_template",
-        "_answers",
+        "_answers", "compute_start_ns", "compute_end_ns", "samples",
     )  # fmt: skip
 
     def __init__(self, model: ModelVersion) -> None:
@@ -70,6 +69,13 @@ class InlinePath:
         )
         self._template.parameters[LANE_PARAMETER].string_param = "cpu"
         self._answers: dict[int, tuple[pb.ModelInferResponse, tuple[_OutputSpec, ...]]] = {}
+        # NOTE: the last lane call's times and size, for trace spans (before the call is
+        # decoding, after it encoding), read right after `infer` returns or raises (it
+        # runs on the event loop, without awaiting): three slot stores, not an object per
+        # request. 0 = the last request failed before or in the lane call.
+        self.compute_start_ns = 0
+        self.compute_end_ns = 0
+        self.samples = 0
         """Samples -> a response template holding the output tensors' metadata (no id, no
         contents), and that metadata as (name, dtype, shape) to check each answer against."""
 
@@ -88,15 +94,14 @@ class InlinePath:
             return None
         return cls(model)
 
-    def infer(
-        self, request: pb.ModelInferRequest, timing: RequestTiming | None = None
-    ) -> pb.ModelInferResponse | None:
+    def infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse | None:
         """Run the request on the inline lane now, or answer None (take the general path).
 
         Args:
             request: the message as received.
-            timing: filled in with the lane call's start, end and size (for trace spans:
-                before the call is decoding, after it encoding), when given.
+
+        Then `compute_start_ns`, `compute_end_ns` and `samples` hold the lane call's
+        start, end and size (0 when it raised).
 
         Raises:
             InferenceError: the engine failed (counted as the general path counts it).
@@ -146,17 +151,16 @@ class InlinePath:
                 if observer.lane_countdown <= 0:
                     observer.on_lane(inputs, outputs)
         except BaseException as exc:
+            self.compute_start_ns = self.compute_end_ns = self.samples = 0
             stats.count_error(exc, time.monotonic_ns() - start_ns)
             raise
         if outputs is None:  # busy (cannot happen on one event loop): the general path
             return None
         end_ns = time.monotonic_ns()
         stats.count_success("cpu", end_ns - start_ns)
-        if timing is not None:
-            timing.compute_start_ns = start_ns
-            timing.compute_end_ns = end_ns
-            timing.batch_samples = samples
-            timing.batch_requests = 1
+        self.compute_start_ns = start_ns
+        self.compute_end_ns = end_ns
+        self.samples = samples
         if requested is None:
             return self._answer(request.id, outputs, samples)
         out = pb.ModelInferResponse()

@@ -173,12 +173,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if monitoring is None:
             return path.infer(request)
         tracer = monitoring.tracer
-        timing = RequestTiming() if tracer is not None else None
         start_ns = time.monotonic_ns()
         status = "OK"
         answer = None
         try:
-            answer = path.infer(request, timing)
+            answer = path.infer(request)
             return answer
         except BaseException as exc:
             status = status_name(exc)
@@ -193,12 +192,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 else:
                     monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
             else:
-                assert timing is not None
                 # The spans of a CPU-lane request: decode up to the lane call, encode after.
-                compute_start_ns, compute_end_ns = timing.compute_start_ns, timing.compute_end_ns
+                compute_start_ns, compute_end_ns = path.compute_start_ns, path.compute_end_ns
                 tracer.record_request(
                     context.invocation_metadata(), method, path.name, path.version,
-                    "cpu", timing.batch_samples, request.id, status, start_ns,
+                    "cpu", path.samples, request.id, status, start_ns,
                     compute_start_ns or end_ns, compute_start_ns, compute_end_ns,
                     compute_end_ns or end_ns, end_ns,
                 )  # fmt: skip

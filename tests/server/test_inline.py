@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -179,12 +180,17 @@ async def test_the_observer_sees_lane_requests_and_engine_failures_are_counted(
     recorder = LaneRecorder()
     model.observer = recorder  # drift monitoring watches CPU-lane requests through this
     x = np.full((2, 64), 0.5, np.float32)
+    before_ns = time.monotonic_ns()
     answer = path.infer(request(x))
     assert answer is not None and len(recorder.seen) == 1
     np.testing.assert_array_equal(recorder.seen[0][0], x)
+    # The lane call's times and size, for the front door's trace spans.
+    assert before_ns <= path.compute_start_ns <= path.compute_end_ns <= time.monotonic_ns()
+    assert path.samples == 2
     model.lane.engines[0] = FailingEngine()  # type: ignore[call-overload]
     with pytest.raises(InferenceError) as raised:
         path.infer(request(x))
+    assert path.compute_start_ns == path.compute_end_ns == path.samples == 0
     assert raised.value.code is ErrorCode.INTERNAL
     assert model.stats.fail.count == 1 and model.stats.failures == {"INTERNAL": 1}
 
