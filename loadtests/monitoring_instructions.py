@@ -35,7 +35,8 @@ this box serves without valgrind):
   `evaluation / --rate` per request.
 
 Prints, per setting, the median instructions per request without and with monitoring, what
-monitoring adds per request, the median pair ratio, the evaluation's share, the estimated
+monitoring adds per request (in all, and on the event loop's thread alone), the median pair
+ratio, the evaluation's share, the estimated
 ratio `without / (with + evaluation / rate)` against issue #5's target, and writes JSON.
 Needs `valgrind` (callgrind, `callgrind_control`) and perf_analyzer; a setting takes about
 2 minutes at the defaults.
@@ -72,15 +73,21 @@ _SUMMARY = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 @dataclass(frozen=True)
 class Count:
-    """One phase: monitoring on or off, requests served, instructions executed."""
+    """One phase: monitoring on or off, requests served, instructions executed (by the
+    whole process, and by its main thread: the event loop)."""
 
     on: bool
     requests: int
     instructions: int
+    loop_instructions: int = 0
 
     @property
     def per_request(self) -> float:
         return self.instructions / self.requests
+
+    @property
+    def loop_per_request(self) -> float:
+        return self.loop_instructions / self.requests
 
 
 def dump_total(path: Path) -> int:
@@ -114,12 +121,14 @@ class Callgrind:
     async def zero(self) -> None:
         await asyncio.to_thread(self._control, "-z")
 
-    async def dump(self) -> int:
-        """Dump the counters and return what they counted since the last zero or dump."""
+    async def dump(self) -> tuple[int, int]:
+        """Dump the counters; what they counted since the last zero or dump, in all and in
+        the main thread (`--separate-threads=yes`: one file per thread, `-01` the main)."""
         before = set(self.out_dir.iterdir())
         await asyncio.to_thread(self._control, "-d")
-        (new,) = set(self.out_dir.iterdir()) - before
-        return dump_total(new)
+        new = set(self.out_dir.iterdir()) - before
+        main = [path for path in new if path.name.endswith("-01")]
+        return sum(map(dump_total, new)), sum(map(dump_total, main))
 
 
 def monitoring_settings(name: str, work: Path, otlp_endpoint: str | None) -> Any:
@@ -167,7 +176,7 @@ async def count_evaluation(
         await callgrind.zero()
         if evaluate:
             hub.evaluate()
-        return await callgrind.dump()
+        return (await callgrind.dump())[0]
 
     load.send_signal(signal.SIGSTOP)
     try:
@@ -239,7 +248,7 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
                         await asyncio.to_thread(tracer.flush)
                     hub.slo.fold()
                 requests = switch.served() - first
-                counts[on] = Count(on, requests, await callgrind.dump())
+                counts[on] = Count(on, requests, *await callgrind.dump())
             pairs.append((counts[True], counts[False]))
             print(
                 f"{args.child}: pair {i}: {counts[True].per_request:,.0f} with, "
@@ -256,7 +265,9 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
         "evaluation_instructions": evaluation,
         "pairs": [
             {"on_requests": on.requests, "on_instructions": on.instructions,
-             "off_requests": off.requests, "off_instructions": off.instructions}
+             "on_loop_instructions": on.loop_instructions, "off_requests": off.requests,
+             "off_instructions": off.instructions,
+             "off_loop_instructions": off.loop_instructions}
             for on, off in pairs
         ],
     }  # fmt: skip
@@ -265,8 +276,8 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
 def summarize(result: dict[str, Any], rate: float) -> dict[str, Any]:
     """Medians of a setting's pairs and the estimated throughput ratio."""
     pairs = [
-        (Count(True, p["on_requests"], p["on_instructions"]),
-         Count(False, p["off_requests"], p["off_instructions"]))
+        (Count(True, p["on_requests"], p["on_instructions"], p["on_loop_instructions"]),
+         Count(False, p["off_requests"], p["off_instructions"], p["off_loop_instructions"]))
         for p in result["pairs"]
     ]  # fmt: skip
     on = statistics.median(c.per_request for c, _ in pairs)
@@ -276,6 +287,8 @@ def summarize(result: dict[str, Any], rate: float) -> dict[str, Any]:
         "off_per_request": off,
         "on_per_request": on,
         "added_per_request": on - off,
+        "loop_added_per_request": statistics.median(c.loop_per_request for c, _ in pairs)
+        - statistics.median(c.loop_per_request for _, c in pairs),
         "median_pair_ratio": statistics.median(o.per_request / c.per_request for c, o in pairs),
         "evaluation_per_request": evaluation,
         "estimated_ratio": off / (on + evaluation),
@@ -290,6 +303,7 @@ def run_setting(
     out_dir.mkdir()
     command = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-instr=no",
+        "--separate-threads=yes",
         f"--callgrind-out-file={out_dir}/callgrind.%p", sys.executable, "-m",
         "loadtests.monitoring_instructions", "--child", name, "--work", str(work),
         "--out-dir", str(out_dir), "--pairs", str(args.pairs), "--requests",
@@ -367,15 +381,16 @@ def main(argv: list[str] | None = None) -> int:
         f"and without its monitoring; instructions of the whole server process per request "
         f"(medians); evaluation rescaled to {args.rate:g} requests a second"
     )
-    print(f"{'setting':>20} {'without':>9} {'with':>9} {'added':>7} {'pair ratio':>10} "
-          f"{'evaluation':>10} {'est. ratio':>10} {'target':>6}")  # fmt: skip
+    print(f"{'setting':>20} {'without':>9} {'with':>9} {'added':>7} {'(loop)':>7} "
+          f"{'pair ratio':>10} {'evaluation':>10} {'est. ratio':>10} {'target':>6}")  # fmt: skip
     table = []
     for name, result in results.items():
         summary = summarize(result, args.rate)
         target = TARGETS.get(name)
         print(
             f"{name:>20} {summary['off_per_request']:>9,.0f} {summary['on_per_request']:>9,.0f} "
-            f"{summary['added_per_request']:>7,.0f} {summary['median_pair_ratio']:>10.4f} "
+            f"{summary['added_per_request']:>7,.0f} {summary['loop_added_per_request']:>7,.0f} "
+            f"{summary['median_pair_ratio']:>10.4f} "
             f"{summary['evaluation_per_request']:>10,.0f} {summary['estimated_ratio']:>10.4f} "
             f"{'' if target is None else f'>={target}':>6}"
         )

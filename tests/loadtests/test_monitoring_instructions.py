@@ -22,16 +22,17 @@ def test_a_dumps_total_is_its_summary_line(tmp_path: Path) -> None:
 
 
 def test_the_summary_takes_medians_and_charges_the_evaluation_per_request() -> None:
-    pairs = [  # (with, without): requests, instructions
-        ((1000, 510_000_000), (1000, 500_000_000)),
-        ((2000, 1_040_000_000), (1000, 500_000_000)),
-        ((1000, 560_000_000), (1000, 480_000_000)),  # with: 560k, an outlier
+    pairs = [  # (with, without): requests, instructions, the event loop's instructions
+        ((1000, 510_000_000, 400_000_000), (1000, 500_000_000, 397_000_000)),
+        ((2000, 1_040_000_000, 802_000_000), (1000, 500_000_000, 398_000_000)),
+        ((1000, 560_000_000, 450_000_000), (1000, 480_000_000, 396_000_000)),  # an outlier
     ]
     result = {
         "evaluation_instructions": 6_000_000,
         "pairs": [
-            {"on_requests": on[0], "on_instructions": on[1], "off_requests": off[0],
-             "off_instructions": off[1]}
+            {"on_requests": on[0], "on_instructions": on[1], "on_loop_instructions": on[2],
+             "off_requests": off[0], "off_instructions": off[1],
+             "off_loop_instructions": off[2]}
             for on, off in pairs
         ],
     }  # fmt: skip
@@ -39,6 +40,7 @@ def test_the_summary_takes_medians_and_charges_the_evaluation_per_request() -> N
     assert summary["on_per_request"] == 520_000  # median of 510k, 520k, 560k
     assert summary["off_per_request"] == 500_000
     assert summary["added_per_request"] == 20_000
+    assert summary["loop_added_per_request"] == 401_000 - 397_000  # medians: 400k, 401k, 450k
     assert summary["median_pair_ratio"] == pytest.approx(500 / 520)  # of 500/510, 500/520, 480/560
     assert summary["evaluation_per_request"] == 1000  # 6M instructions shared by 6,000 requests
     assert summary["estimated_ratio"] == pytest.approx(500_000 / 521_000)
@@ -62,6 +64,8 @@ def test_a_short_run_counts_both_kinds_of_phase(
     assert pair["on_requests"] >= 200 and pair["off_requests"] >= 200
     # A request takes hundreds of thousands of instructions (grpc, protobuf, the model).
     assert row["off_per_request"] > 50_000 and row["on_per_request"] > 50_000
+    # The event loop runs most of it, not all (grpc's poller thread, the shipper...).
+    assert 0 < pair["off_loop_instructions"] < pair["off_instructions"]
     assert row["evaluation_instructions"] > 0 and row["slowdown"] > 1
     assert row["lane_strides"] and all(s >= 1 for s in row["lane_strides"])
     assert "metrics+slo+drift" in capsys.readouterr().out
