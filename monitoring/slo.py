@@ -32,8 +32,8 @@ as columns); what was fed is counted in batches, vectorised with numpy, when som
 reads the monitor (the hub evaluates it every second) or once enough is pending; records
 older than the ring (a late span) are dropped. What `ok_feeds` took is dated when it is
 counted (the next evaluation: at most `evaluate_interval_s` late), not when each request
-ended; with bucket lengths of a tenth of the shortest window, that moves a request into a
-later bucket only for windows shrunk to seconds (tests). The span
+ended: a request counts one bucket late at most, and with the default rules' 30 s buckets
+about one in thirty does. The span
 processor counts a request when its span reaches it (the tracer ships spans every 200 ms),
 well inside one bucket for sane windows. The "budget left" is computed over the longest alert
 window (the data kept), not the whole SLO period.
