@@ -36,10 +36,11 @@ this box serves without valgrind):
 
 Prints, per setting, the median instructions per request without and with monitoring, what
 monitoring adds per request (in all, and on the event loop's thread alone), the median pair
-ratio, the evaluation's share, the estimated
-ratio `without / (with + evaluation / rate)` against issue #5's target, and writes JSON.
-Needs `valgrind` (callgrind, `callgrind_control`) and perf_analyzer; a setting takes about
-2 minutes at the defaults.
+ratio, the evaluation's share, the estimated ratio `without / (with + evaluation / rate)`
+against issue #5's target, and writes JSON. Needs `valgrind` (callgrind,
+`callgrind_control`) and perf_analyzer; a setting takes about 3 minutes at the defaults.
+Compare commits within one run (or runs side by side): the baseline per request moves by a
+few percent with how the slowed server and perf_analyzer interleave.
 """
 
 from __future__ import annotations
