@@ -2,7 +2,7 @@
 
 The runtime knows none of this: it calls the per-version observers this module builds
 (`observer_factory`) and the load/unload hooks; the front door feeds the SLO monitor
-(`slo.ok_feeds` and `slo.feed`, when tracing is off) or the tracer. One evaluation thread
+(`slo.ok_feeds` and `slo.record`, when tracing is off) or the tracer. One evaluation thread
 re-checks SLO and drift alerts every `evaluate_interval_s`.
 
 NOTE: a thread, not an asyncio task sleeping on the event loop: while any timer is

@@ -23,20 +23,19 @@ short window, so a shrunk test config works the same; longer when the ring would
 (about 8,600 buckets for the default rules). A window of length W sums the trailing
 `ceil(W / bucket)` buckets, the current partial one included. Latency percentiles come from
 a log-spaced histogram (bins 10% apart, so a percentile is the upper edge of its bin:
-at most 10% high) per bucket over the shortest short window. Feeding it is one C call, no
-Python frame: `ok_feeds[model](latency_ns)` (the front door, per successful request, on the
-event loop: a `list.append` of an int), `feed` (the front door's other
-requests: a deque append of a tuple of monotonic ns), `record` (one request, about
-0.25 µs, a deque append) or `record_many` (the tracer's span processor, a chunk of requests
-as columns); what was fed is counted in batches, vectorised with numpy, when something
-reads the monitor (the hub evaluates it every second) or once enough is pending; records
-older than the ring (a late span) are dropped. What `ok_feeds` took is dated when it is
-counted (the next evaluation: at most `evaluate_interval_s` late), not when each request
-ended: a request counts one bucket late at most, and with the default rules' 30 s buckets
-about one in thirty does. The span
+at most 10% high) per bucket over the shortest short window. The front door feeds a
+successful request with one C call, no Python frame: `ok_feeds[model](latency_ns)` (on the
+event loop, a `list.append` of an int); `record` (one request, about 0.25 µs, a deque
+append: the front door's failed requests) and `record_many` (the tracer's span processor,
+a chunk of requests as columns) are one Python call each. What was fed is counted in
+batches, vectorised with numpy, when something reads the monitor (the hub evaluates it
+every second) or once enough is pending; records older than the ring (a late span) are
+dropped. What `ok_feeds` took is dated when it is counted (the next evaluation: at most
+`evaluate_interval_s` late), not when each request ended: a request counts one bucket late
+at most, and with the default rules' 30 s buckets about one in thirty does. The span
 processor counts a request when its span reaches it (the tracer ships spans every 200 ms),
-well inside one bucket for sane windows. The "budget left" is computed over the longest alert
-window (the data kept), not the whole SLO period.
+well inside one bucket for sane windows. The "budget left" is computed over the longest
+alert window (the data kept), not the whole SLO period.
 """
 
 from __future__ import annotations
@@ -82,9 +81,6 @@ _LATENCY_BOUNDS: Final = np.asarray(_LATENCY_BOUNDS_S)
 _FOLD_AT: Final = 4096
 #: Pending `record_many` calls past which it counts them itself.
 _FOLD_MANY_AT: Final = 16
-#: Most `feed` entries kept waiting for a reader (the oldest are dropped past it): about
-#: 40 s of traffic at 6,000 requests a second, 25 MB.
-_FEED_MAX: Final = 1 << 18
 
 
 def window_label(seconds: float) -> str:
@@ -284,17 +280,6 @@ class SloMonitor:
         """Records not yet counted (`_fold`): model, latency, status, time."""
         self._pending_many: deque[tuple[Sequence[str], np.ndarray, Sequence[str], float]] = deque()
         """`record_many` calls not yet counted: models, latencies, statuses, time."""
-        self._pending_ns: deque[tuple[str, str, int, int]] = deque(maxlen=_FEED_MAX)
-        """`feed` entries not yet counted: model, status, start and end (monotonic ns)."""
-        self.feed: Callable[[tuple[str, str, int, int]], None] = (
-            self._pending_ns.append if clock is time.monotonic else self._feed_on_clock
-        )
-        """Count one finished request given as `(model, status, start_ns, end_ns)` on
-        `time.monotonic_ns`: the front door's per-request feed, one `deque.append` (a C
-        call: no Python frame, no clock read). Counted when something reads the monitor
-        (the hub evaluates it every second); past `_FEED_MAX` entries waiting, the oldest
-        are dropped. With an injected clock it is `record` (the feed's times are
-        `time.monotonic`'s)."""
         self._ok_ns: dict[str, list[int]] = {}
         """Latencies (ns) taken by `ok_feeds`, per model, not yet counted."""
         self.ok_feeds = _OkFeeds(self._make_ok_feed)
@@ -369,10 +354,6 @@ class SloMonitor:
     def _record_ok_ns(self, model: str, latency_ns: int) -> None:
         self.record(model, latency_ns / 1e9, "OK")
 
-    def _feed_on_clock(self, request: tuple[str, str, int, int]) -> None:
-        model, status, start_ns, end_ns = request
-        self.record(model, (end_ns - start_ns) / 1e9, status)
-
     def record_many(
         self, models: Sequence[str], latencies_s: np.ndarray, statuses: Sequence[str]
     ) -> None:
@@ -405,7 +386,7 @@ class SloMonitor:
         per model: the ring moves once to the newest bucket, then each record counts in its
         own bucket unless the ring has left it behind.
         """
-        pending, many, fed = self._pending, self._pending_many, self._pending_ns
+        pending, many = self._pending, self._pending_many
         # NOTE: `popleft` until the count taken, not a copy and `clear`: record() may
         # append meanwhile (deque operations are atomic), and nothing appended may be lost.
         # Each feed becomes columns: models, latencies (s), statuses, times (s).
@@ -421,13 +402,6 @@ class SloMonitor:
         for _ in range(len(many)):
             models, latencies_s, statuses, now = many.popleft()
             columns.append((models, latencies_s, statuses, np.full(len(models), now)))
-        if fed:
-            models, statuses, starts, ends = zip(
-                *[fed.popleft() for _ in range(len(fed))], strict=True
-            )
-            end_s = np.asarray(ends, np.float64) / 1e9
-            columns.append((models, end_s - np.asarray(starts, np.float64) / 1e9, statuses,
-                            end_s))  # fmt: skip
         # Split once by model, then count each model's share in one go.
         parts: dict[str, list[tuple[np.ndarray, Sequence[str] | None, np.ndarray]]] = {}
         now_s: float | None = None

@@ -190,7 +190,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if status == "OK":
                     monitoring.slo.ok_feeds[path.name](end_ns - start_ns)
                 else:
-                    monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
+                    monitoring.slo.record(request.model_name, (end_ns - start_ns) / 1e9, status)
             else:
                 # The spans of a CPU-lane request: decode up to the lane call, encode after.
                 compute_start_ns, compute_end_ns = path.compute_start_ns, path.compute_end_ns
@@ -369,7 +369,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             elif status == "OK":
                 monitoring.slo.ok_feeds[request.model_name](end_ns - start_ns)
             else:
-                monitoring.slo.feed((request.model_name, status, start_ns, end_ns))
+                monitoring.slo.record(request.model_name, (end_ns - start_ns) / 1e9, status)
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext[object, object]
