@@ -62,10 +62,15 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.monitoring_overhead import TARGETS, mlp64_with_drift, write_results
-from loadtests.monitoring_paired import MODEL, MonitoringSwitch, start_sink
+from loadtests.monitoring_paired import (
+    MODEL,
+    SETTINGS,
+    MonitoringSwitch,
+    monitoring_settings,
+    start_sink,
+)
 from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, perf_analyzer_command
 
-SETTINGS = ("metrics+slo+drift", "tracing 10% file", "tracing 100% file", "tracing 100% otlp")
 #: The trace shipper's flush interval (TracingSettings' default), in seconds.
 SHIP_INTERVAL_S = 0.2
 #: The summary line of a callgrind dump: total instructions (Ir) counted.
@@ -132,29 +137,6 @@ class Callgrind:
         return sum(map(dump_total, new)), sum(map(dump_total, main))
 
 
-def monitoring_settings(name: str, work: Path, otlp_endpoint: str | None) -> Any:
-    """A setting of `monitoring_paired`, with the evaluation thread and the shipper's
-    timer parked (the harness does their work at its own cadence)."""
-    from monitoring.hub import MonitoringSettings
-    from monitoring.tracing import TracingSettings
-
-    parked = 3600.0
-    tracing = None
-    if name == "tracing 10% file":
-        tracing = TracingSettings(
-            sampling_ratio=0.1, trace_file=work / "s10.jsonl", flush_interval_s=parked
-        )
-    elif name == "tracing 100% file":
-        tracing = TracingSettings(
-            sampling_ratio=1.0, trace_file=work / "spans.jsonl", flush_interval_s=parked
-        )
-    elif name == "tracing 100% otlp":
-        tracing = TracingSettings(
-            sampling_ratio=1.0, otlp_endpoint=otlp_endpoint, flush_interval_s=parked
-        )
-    return MonitoringSettings(metrics_port=0, tracing=tracing, evaluate_interval_s=parked)
-
-
 async def _served_at_least(
     switch: MonitoringSwitch, count: int, load: subprocess.Popen[bytes]
 ) -> None:
@@ -196,7 +178,12 @@ async def child(args: argparse.Namespace) -> dict[str, Any]:
     from server.app import ServeSettings, start_server
 
     work = args.work
-    monitoring = monitoring_settings(args.child, work, args.otlp_endpoint)
+    # The evaluation thread and the shipper's timer parked: the harness does their work.
+    parked = 3600.0
+    monitoring = monitoring_settings(
+        args.child, work, args.otlp_endpoint, flush_interval_s=parked,
+        evaluate_interval_s=parked,
+    )  # fmt: skip
     server = await start_server(
         ServeSettings(model_repository=work / "repo", port=0, monitoring=monitoring)
     )

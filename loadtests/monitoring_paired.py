@@ -53,6 +53,7 @@ from loadtests.monitoring_overhead import TARGETS, mlp64_with_drift, write_resul
 from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, launch_module, perf_analyzer_command
 
 MODEL = "mlp64"
+SETTINGS = ("metrics+slo+drift", "tracing 10% file", "tracing 100% file", "tracing 100% otlp")
 
 
 @dataclass(frozen=True)
@@ -223,35 +224,48 @@ async def run_setting(
     return pairs
 
 
-async def run(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[Phase, Phase]]]:
+def monitoring_settings(
+    name: str,
+    work: Path,
+    otlp_endpoint: str | None = None,
+    *,
+    flush_interval_s: float = 0.2,
+    evaluate_interval_s: float = 1.0,
+) -> Any:
+    """The `MonitoringSettings` of one of `SETTINGS` (trace files under `work`; the
+    shipper's and the evaluation thread's intervals as given)."""
     from monitoring.hub import MonitoringSettings
     from monitoring.tracing import TracingSettings
 
+    where: dict[str, tuple[float, dict[str, Any]]] = {
+        "tracing 10% file": (0.1, {"trace_file": work / "s10.jsonl"}),
+        "tracing 100% file": (1.0, {"trace_file": work / "spans.jsonl"}),
+        "tracing 100% otlp": (1.0, {"otlp_endpoint": otlp_endpoint}),
+    }
+    tracing = None
+    if name in where:
+        ratio, destination = where[name]
+        tracing = TracingSettings(
+            sampling_ratio=ratio, flush_interval_s=flush_interval_s, **destination
+        )
+    return MonitoringSettings(
+        metrics_port=0, tracing=tracing, evaluate_interval_s=evaluate_interval_s
+    )
+
+
+async def run(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[Phase, Phase]]]:
     repository, inputs = work / "repo", work / "inputs.json"
     mlp64_with_drift(repository, inputs)
-    sink = None
+    sink = endpoint = None
     try:
-        settings: dict[str, MonitoringSettings] = {
-            "metrics+slo+drift": MonitoringSettings(metrics_port=0),
-            "tracing 10% file": MonitoringSettings(
-                metrics_port=0,
-                tracing=TracingSettings(sampling_ratio=0.1, trace_file=work / "s10.jsonl"),
-            ),
-            "tracing 100% file": MonitoringSettings(
-                metrics_port=0,
-                tracing=TracingSettings(sampling_ratio=1.0, trace_file=work / "spans.jsonl"),
-            ),
-        }
-        if args.otlp:
-            sink, endpoint = start_sink(3600)
-            settings["tracing 100% otlp"] = MonitoringSettings(
-                metrics_port=0,
-                tracing=TracingSettings(sampling_ratio=1.0, otlp_endpoint=endpoint),
-            )
+        names = [n for n in SETTINGS if n != "tracing 100% otlp" or args.otlp]
         if args.only:
-            settings = {k: v for k, v in settings.items() if k in args.only}
+            names = [n for n in names if n in args.only]
+        if "tracing 100% otlp" in names:
+            sink, endpoint = start_sink(3600)
         results = {}
-        for name, monitoring in settings.items():
+        for name in names:
+            monitoring = monitoring_settings(name, work, endpoint)
             results[name] = await run_setting(monitoring, repository, inputs, args)
             summary = summarize(results[name])
             print(f"{name:>20}: median ratio {summary['median_ratio']:.3f}", file=sys.stderr,
@@ -272,9 +286,6 @@ def verdict(summary: dict[str, Any], target: float | None) -> str:
     if low >= target:
         return "met"
     return "MISSED" if high < target else "unsure"
-
-
-SETTINGS = ("metrics+slo+drift", "tracing 10% file", "tracing 100% file", "tracing 100% otlp")
 
 
 def main(argv: list[str] | None = None) -> int:
