@@ -3,9 +3,10 @@
 Why not `tracer.start_span` per request: the SDK's `_Span` costs 25-30 µs to start and end
 here, and a request has four spans, which would cost more than the whole request does on
 a small model. Instead the event loop appends one compact record per request (ids, monotonic
-timestamps, attributes: about 1-2 µs) and the engine threads one per batch; a shipper thread
-turns them, every `flush_interval_s`, straight into what the exporter sends: JSON lines for
-the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
+timestamps, attributes: about 0.5 µs; a CPU-lane request's is packed into one `bytes`, its
+strings as a code and its ids drawn by the shipper) and the engine threads one per batch; a
+shipper thread turns them, every `flush_interval_s`, straight into what the exporter sends:
+JSON lines for the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
 `OTLP_PAYLOAD_BYTES`). It takes the records `SHIP_CHUNK` at a time and encodes the sampled
 requests (gathered until there are `SHIP_CHUNK`) a request shape (method, model, status,
 which child spans...) at a time: a shape compiles once to a fixed-width row of bytes
@@ -36,7 +37,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -323,6 +324,37 @@ encode start, end.
 NOTE: ints and strings only, no `TraceHandle` or `RequestTiming`: the cycle collector
 stops tracking such a tuple at its first pass, so the records waiting for the shipper
 (a flush interval's worth) add nothing to the collections that follow."""
+# A CPU-lane request (`record_request`) is packed into one `bytes` (no Python object per
+# field: the loop builds one object, the shipper reads a chunk of them as one numpy array
+# and frees one object each): flags, the code of its (method, model, version, lane,
+# status), samples, the trace id (high and low 64 bits) and the parent span id when it
+# continues a `traceparent` (else 0: the shipper draws the ids), then the monotonic times
+# start, decoded, compute start, compute end, encode start, end (0 = did not happen).
+_PACK: Final = struct.Struct("<BHIQQQqqqqqq").pack
+_PACKED_FIELDS: Final = (
+    ("flags", "u1"), ("code", "<u2"), ("samples", "<u4"), ("trace_hi", "<u8"),
+    ("trace_lo", "<u8"), ("parent", "<u8"), ("start", "<i8"), ("decoded", "<i8"),
+    ("compute_start", "<i8"), ("compute_end", "<i8"), ("encode_start", "<i8"), ("end", "<i8"),
+)  # fmt: skip
+_PACKED_DTYPE: Final = np.dtype(
+    {
+        "names": [name for name, _ in _PACKED_FIELDS],
+        "formats": [code for _, code in _PACKED_FIELDS],
+        "offsets": [0, 1, 3, 7, 15, 23, 31, 39, 47, 55, 63, 71],
+        "itemsize": 79,
+    }
+)
+_P_SAMPLED: Final = 1
+_P_PARENT: Final = 2
+"""It continues an incoming `traceparent`: trace id and parent span id given."""
+_P_REQUEST_ID: Final = 4
+"""Its request id is the next one in `RequestTracer._request_ids`."""
+_MAX_CODES: Final = 4096
+"""Distinct (method, model, version, lane, status) packed; past them, tuple records."""
+_PACKED_CHUNK: Final = 256
+"""Packed records the shipper takes at once (no Python work per record but a `popleft`)."""
+_random: Final = random.random
+
 _Phase = tuple[str, int, int, bool, dict[str, str | int], str]
 """A request's child span: name, start, end (monotonic ns), error, attributes, their JSON."""
 _NO_ATTRIBUTES: Final[dict[str, str | int]] = {}
@@ -483,6 +515,18 @@ class RequestTracer:
         self.scope = InstrumentationScope(S.SCOPE, batchwire.__version__)
         self._bound = round(settings.sampling_ratio * (1 << 64))
         self._records: deque[tuple[object, ...]] = deque()
+        self._packed: deque[bytes] = deque()
+        """`record_request`'s records (`_PACK`), each appended in one call."""
+        self._request_ids: deque[str] = deque()
+        """The request ids of packed records that have one, appended before the record."""
+        self._codes: dict[tuple[str, str, str, str, str], int] = {}
+        self._code_fields: list[tuple[str, str, str, str, str]] = []
+        """Code -> (method, model, version, lane, status) of packed records."""
+        self._code_lock = threading.Lock()
+        self._code_table = np.empty((0, 5), object)
+        self._ratio = settings.sampling_ratio
+        self._rng = np.random.default_rng()
+        """Draws the ids of packed records (the shipper's, under the ship lock)."""
         self._max = settings.max_buffered
         self.dropped = 0
         """Records dropped because the shipper fell behind."""
@@ -528,7 +572,76 @@ class RequestTracer:
         """`end_request(begin(metadata), ...)` of a CPU-lane request (never queued, a batch
         of its own `samples`), in one call and with no `TraceHandle` or `RequestTiming`:
         for a request that nothing needed its ids for while it ran (no batch links to it).
-        Monotonic times; 0 = that phase did not happen."""
+        Monotonic times; 0 = that phase did not happen.
+
+        The record is packed (`_PACK`): one `bytes`, its strings as one code; the shipper
+        draws its ids (unless it continues a `traceparent`), the trace id consistent with
+        the sampling decision taken here (the same ratio `begin` applies to the trace id:
+        its low 64 bits are below the ratio's bound exactly when sampled).
+        """
+        packed = self._packed
+        if len(packed) >= self._max:
+            self.dropped += 1
+            return
+        code = self._codes.get((method, model, version, lane, status))
+        if code is None:
+            code = self._new_code((method, model, version, lane, status))
+            if code is None:  # too many distinct ones: a tuple record
+                self._record_tuple(
+                    metadata, method, model, version, lane, samples, request_id, status,
+                    start_ns, decoded_ns, compute_start_ns, compute_end_ns, encode_start_ns,
+                    end_ns,
+                )  # fmt: skip
+                return
+        parent = _parent(metadata) if metadata else None
+        if parent is None:
+            flags = _P_SAMPLED if _random() < self._ratio else 0
+            trace_hi = trace_lo = parent_id = 0
+        else:
+            trace_id, parent_id, sampled = parent
+            flags = _P_PARENT | _P_SAMPLED if sampled else _P_PARENT
+            trace_hi, trace_lo = trace_id >> 64, trace_id & _RATIO_MASK
+        if request_id:
+            flags |= _P_REQUEST_ID
+            self._request_ids.append(request_id)  # NOTE: before its record (`_drain_packed`)
+        packed.append(
+            _PACK(
+                flags, code, samples, trace_hi, trace_lo, parent_id, start_ns, decoded_ns,
+                compute_start_ns, compute_end_ns, encode_start_ns, end_ns,
+            )
+        )  # fmt: skip
+
+    def _new_code(self, key: tuple[str, str, str, str, str]) -> int | None:
+        """The code of a new packed (method, model, version, lane, status); None when
+        `_MAX_CODES` are taken (a flood of distinct model names must not grow memory)."""
+        with self._code_lock:
+            code = self._codes.get(key)
+            if code is None:
+                if len(self._code_fields) >= _MAX_CODES:
+                    return None
+                code = len(self._code_fields)
+                self._code_fields.append(key)  # NOTE: before the code is handed out
+                self._codes[key] = code
+            return code
+
+    def _record_tuple(
+        self,
+        metadata: Sequence[tuple[str, str | bytes]] | None,
+        method: str,
+        model: str,
+        version: str,
+        lane: str,
+        samples: int,
+        request_id: str,
+        status: str,
+        start_ns: int,
+        decoded_ns: int,
+        compute_start_ns: int,
+        compute_end_ns: int,
+        encode_start_ns: int,
+        end_ns: int,
+    ) -> None:
+        """`record_request` as a tuple record (`_RequestRecord`)."""
         records = self._records
         if len(records) >= self._max:
             self.dropped += 1
@@ -629,7 +742,7 @@ class RequestTracer:
 
     def _ship(self) -> None:
         records = self._records
-        if not records:
+        if not records and not self._packed:
             return
         exporter = self.exporter
         generic = self._generic_processors
@@ -641,10 +754,11 @@ class RequestTracer:
                 self._ship_otlp(exporter)
                 return
         exported: list[SpanData] = []
-        for i in range(len(records)):
+        unpacked: list[Any] = self._packed_records()
+        for i in range(len(unpacked) + len(records)):
             if i % SHIP_YIELD_EVERY == SHIP_YIELD_EVERY - 1:
                 _hand_over_gil()
-            record = records.popleft()
+            record = unpacked[i] if i < len(unpacked) else records.popleft()
             if record[0] == _REQUEST:
                 request = cast(_RequestRecord, record)
                 self._feed_fast_processors(request)
@@ -676,10 +790,22 @@ class RequestTracer:
 
     def _ship_lines(self, exporter: JsonLinesSpanExporter) -> None:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
-        straight to text, a chunk at a time (`_encode_requests`), with no `SpanData` in
+        straight to text, a chunk at a time (`_encode_columns`), with no `SpanData` in
         between; one write per chunk, whose first line carries the resource."""
+        for columns, example in self._drain_packed():
+            text, spans = self._request_lines(example(0), self._resource_json)
+            pieces: list[bytes | memoryview] = [text.encode() + b"\n"]
+            rest = [column[1:] for column in columns]
+
+            def after_first(i: int, first: Callable[[int], Any] = example) -> Any:
+                return first(i + 1)
+
+            for rows in self._encode_columns(rest, after_first, otlp=False):
+                pieces.append(rows.data)
+                spans += rows.spans
+            self._count_export(exporter.write_pieces(pieces), spans)
         for requests, batches in self._drain_chunks():
-            pieces: list[bytes | memoryview] = []
+            pieces = []
             spans = 0
             resource_json = self._resource_json
             if requests:
@@ -707,12 +833,7 @@ class RequestTracer:
             head = self._otlp_head = otlp_head(self.resource, self.scope)
         entries: list[bytes | memoryview] = []
         size = spans = 0
-        for requests, batches in self._drain_chunks():
-            encoded = self._encode_requests(requests, otlp=True)
-            for record in batches:
-                batch = self._batch_spans(record)
-                data = b"".join(map(_span_bytes, batch))
-                encoded.append(_Rows(data, len(data), len(batch)))
+        for encoded in self._otlp_groups():
             for rows in encoded:
                 # Split a group between payloads at row (request) boundaries.
                 start = 0
@@ -730,6 +851,123 @@ class RequestTracer:
                         size = spans = 0
         if entries:
             self._count_export(exporter.export_payload(otlp_payload(head, entries), spans), spans)
+
+    def _otlp_groups(self) -> Iterator[list[_Rows]]:
+        """`_ship_otlp`'s encoded requests and batches, a chunk at a time."""
+        for columns, example in self._drain_packed():
+            yield self._encode_columns(columns, example, otlp=True)
+        for requests, batches in self._drain_chunks():
+            encoded = self._encode_requests(requests, otlp=True)
+            for record in batches:
+                batch = self._batch_spans(record)
+                data = b"".join(map(_span_bytes, batch))
+                encoded.append(_Rows(data, len(data), len(batch)))
+            yield encoded
+
+    def _drain_packed(
+        self, general: bool = False
+    ) -> Iterator[tuple[list[Any], Callable[[int], Any]]]:
+        """Take every packed record so far, `_PACKED_CHUNK` at a time, handing the GIL
+        over between chunks: each reaches the fast processors (in bulk); yields the
+        sampled ones as `_packed_columns`. `general`: all of them, and the caller feeds
+        the processors (`_ship`'s general path).
+
+        NOTE: request ids are appended before their records, so the ids of the records
+        taken are all there, first in line (others may follow: records not taken yet)."""
+        packed, ids_left = self._packed, self._request_ids
+        left = len(packed)
+        while left > 0:
+            take = min(left, _PACKED_CHUNK)
+            rows = np.frombuffer(b"".join([packed.popleft() for _ in range(take)]), _PACKED_DTYPE)
+            left -= take
+            flags = rows["flags"]
+            with_id = np.flatnonzero(flags & _P_REQUEST_ID)
+            request_ids: list[str] = [""] * take
+            for i in with_id.tolist():
+                request_ids[i] = ids_left.popleft()
+            table = self._codes_table()
+            codes = rows["code"]
+            if self._fast_processors and not general:
+                models = table[codes, 1].tolist()
+                statuses = table[codes, 4].tolist()
+                durations = (rows["end"] - rows["start"]).tolist()
+                for processor in self._fast_processors:
+                    processor.on_requests_end(models, statuses, durations)
+            sampled = (flags & _P_SAMPLED) != 0
+            if not general and not sampled.all():
+                chosen = np.flatnonzero(sampled)
+                rows = rows[chosen]
+                request_ids = [request_ids[i] for i in chosen.tolist()]
+            if len(rows):
+                yield self._packed_columns(rows, request_ids, table)
+            if left > 0:
+                _hand_over_gil()
+
+    def _codes_table(self) -> np.ndarray:
+        """Code -> (method, model, version, lane, status), as an object array (cached)."""
+        fields = self._code_fields
+        table = self._code_table
+        if len(table) != len(fields):
+            table = np.empty((len(fields), 5), object)
+            table[:] = fields[: len(table)]
+            self._code_table = table
+        return table
+
+    def _packed_columns(
+        self, rows: np.ndarray, request_ids: list[str], table: np.ndarray
+    ) -> tuple[list[Any], Callable[[int], Any]]:
+        """Packed records as the columns of `_RequestRecord`s (`_encode_columns`), ids
+        drawn, and a function of a row giving its record (a tuple of Python values)."""
+        n = len(rows)
+        flags = rows["flags"]
+        sampled = (flags & _P_SAMPLED) != 0
+        trace_hi, trace_lo = rows["trace_hi"].copy(), rows["trace_lo"].copy()
+        new = (flags & _P_PARENT) == 0
+        if new.any():
+            rng, bound = self._rng, self._bound
+            trace_hi[new] = rng.integers(0, 1 << 64, int(np.count_nonzero(new)), np.uint64)
+            # The low 64 bits decide sampling (`begin`): below the bound exactly if sampled.
+            for mask, low, high in (
+                (new & sampled, 0, max(bound, 1)),
+                (new & ~sampled, min(bound, (1 << 64) - 1), 1 << 64),
+            ):
+                count = int(np.count_nonzero(mask))
+                if count:
+                    trace_lo[mask] = rng.integers(low, high, count, np.uint64)
+        span = self._rng.integers(0, 1 << 64, n, np.uint64)
+        parent = rows["parent"]
+        codes = rows["code"]
+        fields = [table[codes, i].tolist() for i in range(5)]
+        samples = rows["samples"].astype(np.int64)
+        compute_start = rows["compute_start"]
+        times = [
+            rows["start"], rows["decoded"], np.zeros(n, np.int64), compute_start,
+            rows["compute_end"], np.where(compute_start != 0, samples, 0), rows["encode_start"],
+            rows["end"],
+        ]  # fmt: skip
+        traces = np.concatenate([be64(trace_hi), be64(trace_lo)], axis=1)
+        columns: list[Any] = [
+            (), traces, span, parent, sampled, *fields[:4], samples.tolist(), request_ids,
+            fields[4], *times,
+        ]  # fmt: skip
+
+        def record(i: int) -> _RequestRecord:
+            return (
+                _REQUEST, int(trace_hi[i]) << 64 | int(trace_lo[i]), int(span[i]),
+                int(parent[i]), bool(sampled[i]), fields[0][i], fields[1][i], fields[2][i],
+                fields[3][i], int(samples[i]), request_ids[i], fields[4][i],
+                *[int(t[i]) for t in times],
+            )  # fmt: skip
+
+        return columns, record
+
+    def _packed_records(self) -> list[_RequestRecord]:
+        """Every packed record so far as a `_RequestRecord` (the general path: SDK
+        processors see unsampled requests too)."""
+        out: list[_RequestRecord] = []
+        for columns, record in self._drain_packed(general=True):
+            out += map(record, range(len(columns[2])))
+        return out
 
     def _drain_chunks(self) -> Iterator[tuple[list[Any], list[Any]]]:
         """Take every record recorded so far, `SHIP_CHUNK` at a time, handing the GIL over
@@ -777,10 +1015,19 @@ class RequestTracer:
         keep their order. The same text or bytes as `_request_lines` / `_request_otlp` of
         each record, but for the child span ids, drawn here all at once (a test compares
         the two)."""
-        n = len(records)
+        if not records:
+            return []
+        return self._encode_columns(list(zip(*records, strict=True)), records.__getitem__, otlp)
+
+    def _encode_columns(
+        self, columns: Sequence[Any], record: Callable[[int], Any], otlp: bool
+    ) -> list[_Rows]:
+        """`_encode_requests` of requests given as the columns of their records (tuples
+        per field, or arrays: times, span and parent ids; the trace ids as an `(n, 16)`
+        byte array or ints), `record(i)` giving the i-th record itself (one per group)."""
+        n = len(columns[5])
         if not n:
             return []
-        columns = list(zip(*records, strict=True))
         # start, decoded, queued, compute start, compute end, (batch samples), encode, end
         times = np.array(columns[12:20], np.int64)
         epoch = times + self._offset_ns
@@ -788,7 +1035,9 @@ class RequestTracer:
         if epoch.min() < EPOCH_NS_RANGE[0] or epoch.max() >= EPOCH_NS_RANGE[1]:
             # Not 19 digits (a clock that is not Unix time): one record at a time.
             one = self._request_otlp if otlp else self._request_text
-            return [_Rows(data, len(data), count) for data, count in map(one, records)]
+            return [
+                _Rows(data, len(data), count) for data, count in map(one, map(record, range(n)))
+            ]
         epoch_u64 = epoch.astype(np.uint64)
         _, decoded, queued, compute_start, _, batch_samples, encode_start, _ = times
         shapes = np.where(decoded != 0, _DECODED, 0)
@@ -821,7 +1070,7 @@ class RequestTracer:
         else:
             codes = [groups.setdefault(key, len(groups)) for key in zip(*key_columns, strict=True)]
             code_array = np.array(codes) if len(groups) > 1 else None
-        traces = int_bytes(columns[1], 16)
+        traces = columns[1] if isinstance(columns[1], np.ndarray) else int_bytes(columns[1], 16)
         span_ids = be64(np.array(columns[2], np.uint64))
         parent_ids = be64(parents)
         # NOTE: few numpy calls per group, each over all its requests: a call costs about
@@ -830,7 +1079,7 @@ class RequestTracer:
         out: list[_Rows] = []
         for key, code in groups.items():
             index = np.arange(n) if code_array is None else np.flatnonzero(code_array == code)
-            rows, spans_per_row = self._row_layout(key, records[int(index[0])], otlp)
+            rows, spans_per_row = self._row_layout(key, record(int(index[0])), otlp)
             pairs = _PHASE_TIMES[key[6] & _SHAPE_BITS]
             m, k = len(index), len(pairs)
             # Ids: trace (16 bytes), span (8), parent (8, if any), the k children's (8 each).

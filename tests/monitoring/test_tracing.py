@@ -22,6 +22,7 @@ from monitoring import spans as S
 from monitoring.tracing import (
     JsonLinesSpanExporter,
     OtlpPayloadExporter,
+    RequestSpanProcessor,
     RequestTracer,
     SpanData,
     TraceHandle,
@@ -147,8 +148,9 @@ def test_sampling_ratio_decides_new_traces(ratio: float) -> None:
 def test_record_request_records_what_begin_and_end_request_record(
     parent: bool, status: str
 ) -> None:
-    """The inline lane's one call makes the record that `begin` then `end_request` make
-    (the same ids drawn in the same order)."""
+    """The inline lane's one call makes the record that `begin` then `end_request` make,
+    but for the ids, which the shipper draws (packed records), unless a `traceparent` gives
+    the trace id."""
     tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=MemoryExporter())
     metadata = [("user-agent", "x")]
     if parent:
@@ -169,12 +171,15 @@ def test_record_request_records_what_begin_and_end_request_record(
         tracer.end_request(tracer.begin(metadata), method, "digits", "1", "cpu",
                            timing.batch_samples, "req-7", status, 1_000,
                            compute[0] or 2_000, timing, compute[1] or 2_000, 2_000)  # fmt: skip
-        ours, theirs = tracer._records
+        (ours,) = tracer._packed_records()
+        (theirs,) = tracer._records
         tracer._records.clear()
     finally:
         tracer.shutdown()
-    assert ours == theirs
+    ids = slice(2, 3) if parent else slice(1, 3)  # the ids that are drawn
+    assert ours[: ids.start] + ours[ids.stop :] == theirs[: ids.start] + theirs[ids.stop :]
     assert (ours[1] == int(TRACE_ID, 16)) == parent and ours[4]
+    assert all(isinstance(value, int) and value > 0 for value in ours[1:3])
 
 
 def test_server_errors_mark_the_span_and_client_errors_do_not() -> None:
@@ -777,3 +782,152 @@ def test_otlp_requests_encoded_by_shape_are_what_each_record_makes() -> None:
     assert len(pieces) == len(records)
     assert spans(ours) == spans(theirs)
     assert sum(r.spans for r in rows) == len(ours.resource_spans[0].scope_spans[0].spans)
+
+
+def record_lane_requests(tracer: RequestTracer, count: int) -> list[tuple[bool, str, str]]:
+    """`record_request` (packed records) of `count` CPU-lane requests of mixed shapes: with
+    and without a `traceparent`, request id, failure; returns (parent, request id, status)
+    of each, in order."""
+    method = "inference.GRPCInferenceService/ModelInfer"
+    cases = [
+        (parent, request_id, status)
+        for parent in (False, True)
+        for request_id in ("", "req-7", "ü%d-1")
+        for status in ("OK", "INTERNAL")
+    ]
+    made = []
+    for i in range(count):
+        parent, request_id, status = cases[i % len(cases)]
+        metadata = [("user-agent", "x")]
+        if parent:
+            metadata.append(("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01"))
+        ran = status == "OK"
+        start = 1_000 + i
+        compute = (start + 200, start + 300) if ran else (0, 0)
+        tracer.record_request(metadata, method, "digits", "1", "cpu", 2 if ran else 0,
+                              request_id, status, start, compute[0] or start + 900, *compute,
+                              compute[1] or start + 900, start + 900)  # fmt: skip
+        made.append((parent, request_id, status))
+    return made
+
+
+@pytest.mark.parametrize("otlp", [False, True])
+def test_packed_requests_encode_as_their_records_do(otlp: bool) -> None:
+    """Packed records (`record_request`) come out of the shipper as columns that encode
+    to what each record encodes to on its own (but for child span ids), with their
+    request ids paired back in order and the ids drawn fresh per request."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from monitoring.tracing import otlp_head, otlp_payload
+
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=MemoryExporter())
+    try:
+        made = record_lane_requests(tracer, 300)  # two chunks
+        records: list[Any] = []
+        ours: list[str] = []
+        theirs: list[str] = []
+        head = otlp_head(tracer.resource, tracer.scope)
+        for columns, record in tracer._drain_packed():
+            chunk = [record(i) for i in range(len(columns[2]))]
+            records += chunk
+            rows = tracer._encode_columns(columns, record, otlp)
+            if otlp:
+                pieces = [bytes(r.data) for r in rows]
+                for payload, out in (
+                    (otlp_payload(head, pieces), ours),
+                    (otlp_payload(head, [tracer._request_otlp(r)[0] for r in chunk]), theirs),
+                ):
+                    spans = ExportTraceServiceRequest.FromString(payload).resource_spans[0]
+                    out += [
+                        json.dumps(_without_child_ids(span_dict(span)), sort_keys=True)
+                        for span in spans.scope_spans[0].spans
+                    ]
+            else:
+                text = b"".join(bytes(r.data) for r in rows).decode()
+                expected = "".join(tracer._request_lines(r, "{}")[0] + "\n" for r in chunk)
+                ours += map(_without_child_ids, map(json.loads, text.splitlines()))
+                theirs += map(_without_child_ids, map(json.loads, expected.splitlines()))
+        assert not tracer._packed and not tracer._request_ids
+    finally:
+        tracer.shutdown()
+    assert len(records) == len(made) and sorted(ours) == sorted(theirs) and ours
+    assert [(bool(r[3]), r[10], r[11]) for r in records] == made
+    for record, (parent, _, _) in zip(records, made, strict=True):
+        assert (record[1] == int(TRACE_ID, 16)) == parent
+        assert record[3] == (int(PARENT_ID, 16) if parent else 0)
+    assert len({r[2] for r in records}) == len(records)
+    assert len({r[1] for r in records if not r[3]}) == len(records) // 2
+
+
+def span_dict(span: Any) -> dict[str, Any]:
+    """An OTLP span message as a dict, for `_without_child_ids`."""
+    from google.protobuf.json_format import MessageToDict
+
+    fields = MessageToDict(span)
+    fields["kind"] = "SERVER" if fields.get("kind") == "SPAN_KIND_SERVER" else "INTERNAL"
+    fields["span_id"] = fields.pop("spanId")
+    return fields
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
+def test_packed_requests_are_sampled_as_their_trace_ids_say(ratio: float) -> None:
+    """The lane decides sampling without a trace id; the shipper then draws one that
+    `TraceIdRatioBased` would decide the same way (low 64 bits under the bound exactly
+    when sampled), and only sampled requests are exported, while every request reaches
+    the fast span processors."""
+    seen: list[str] = []
+
+    class Models(RequestSpanProcessor):
+        def on_request_end(self, model: str, status: str, duration_ns: int) -> None:
+            seen.append(model)
+
+    tracer = RequestTracer(
+        TracingSettings(sampling_ratio=ratio, flush_interval_s=3600),
+        processors=[Models()],
+        exporter=Payloads(),
+    )
+    bound = round(ratio * (1 << 64))
+    try:
+        method = "inference.GRPCInferenceService/ModelInfer"
+        for _ in range(2000):
+            tracer.record_request(None, method, "digits", "1", "cpu", 1, "", "OK",
+                                  1_000, 1_100, 1_200, 1_300, 1_400, 1_500)  # fmt: skip
+        records = tracer._packed_records()
+        for _ in range(2000):
+            tracer.record_request(None, method, "digits", "1", "cpu", 1, "", "OK",
+                                  1_000, 1_100, 1_200, 1_300, 1_400, 1_500)  # fmt: skip
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    sampled = [r[4] for r in records]
+    assert all(((r[1] & ((1 << 64) - 1)) < bound) == r[4] for r in records)
+    assert abs(sum(sampled) / len(sampled) - ratio) < 0.05
+    assert seen == ["digits"] * 2000  # the second 2,000, through the fast path
+    assert tracer.exported_spans == pytest.approx(2000 * ratio * 4, rel=0.2, abs=0)
+
+
+def test_packed_records_past_the_code_table_become_tuple_records(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Distinct (method, model, version, lane, status) are packed as a small code, up to
+    `_MAX_CODES` of them (a flood of made-up model names must not grow memory); the next
+    ones are recorded as tuples, and both reach the file."""
+    from monitoring import tracing
+
+    monkeypatch.setattr(tracing, "_MAX_CODES", 3)
+    tracer = RequestTracer(
+        TracingSettings(flush_interval_s=3600), exporter=JsonLinesSpanExporter(tmp_path / "s")
+    )
+    try:
+        for i in range(5):
+            tracer.record_request(None, "m", f"model-{i}", "1", "cpu", 1, "", "OK",
+                                  1_000, 1_100, 1_200, 1_300, 1_400, 1_500)  # fmt: skip
+        assert (len(tracer._packed), len(tracer._records)) == (3, 2)
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    spans = [json.loads(line) for line in (tmp_path / "s").read_text().splitlines()]
+    models = sorted(s["attributes"]["batchwire.model.name"] for s in spans if s["kind"] == "SERVER")
+    assert models == [f"model-{i}" for i in range(5)] and len(spans) == 5 * 4
