@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.runtime import ModelRuntime
-from server.servicer import InferenceServicer
+from server.servicer import InferenceHandlers, InferenceServicer
 
 if TYPE_CHECKING:
     from monitoring.hub import Monitoring, MonitoringSettings
@@ -114,7 +114,10 @@ async def start_server(settings: ServeSettings) -> RunningServer:
     ]
     server = grpc.aio.server(options=options)
     servicer = InferenceServicer(runtime, monitoring)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    if monitoring is not None and monitoring.tracer is not None:
+        server.add_generic_rpc_handlers((InferenceHandlers(servicer),))  # metadata once
+    else:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
