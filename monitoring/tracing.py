@@ -586,11 +586,15 @@ class RequestTracer:
         code = self._codes.get((method, model, version, lane, status))
         if code is None:
             code = self._new_code((method, model, version, lane, status))
-            if code is None:  # too many distinct ones: a tuple record
-                self._record_tuple(
-                    metadata, method, model, version, lane, samples, request_id, status,
-                    start_ns, decoded_ns, compute_start_ns, compute_end_ns, encode_start_ns,
-                    end_ns,
+            if code is None:  # too many distinct ones: the tuple record (the general way)
+                timing = RequestTiming(
+                    compute_start_ns=compute_start_ns, compute_end_ns=compute_end_ns,
+                    batch_samples=samples if compute_start_ns else 0,
+                    batch_requests=1 if compute_start_ns else 0,
+                )  # fmt: skip
+                self.end_request(
+                    self.begin(metadata), method, model, version, lane, samples, request_id,
+                    status, start_ns, decoded_ns, timing, encode_start_ns, end_ns,
                 )  # fmt: skip
                 return
         parent = _parent(metadata) if metadata else None
@@ -623,43 +627,6 @@ class RequestTracer:
                 self._code_fields.append(key)  # NOTE: before the code is handed out
                 self._codes[key] = code
             return code
-
-    def _record_tuple(
-        self,
-        metadata: Sequence[tuple[str, str | bytes]] | None,
-        method: str,
-        model: str,
-        version: str,
-        lane: str,
-        samples: int,
-        request_id: str,
-        status: str,
-        start_ns: int,
-        decoded_ns: int,
-        compute_start_ns: int,
-        compute_end_ns: int,
-        encode_start_ns: int,
-        end_ns: int,
-    ) -> None:
-        """`record_request` as a tuple record (`_RequestRecord`)."""
-        records = self._records
-        if len(records) >= self._max:
-            self.dropped += 1
-            return
-        parent = _parent(metadata) if metadata else None
-        if parent is None:
-            trace_id = random.getrandbits(128)
-            parent_id, sampled = 0, (trace_id & _RATIO_MASK) < self._bound
-        else:
-            trace_id, parent_id, sampled = parent
-        records.append(
-            (
-                _REQUEST, trace_id, random.getrandbits(64), parent_id, sampled, method, model,
-                version, lane, samples, request_id, status, start_ns, decoded_ns, 0,
-                compute_start_ns, compute_end_ns, samples if compute_start_ns else 0,
-                encode_start_ns, end_ns,
-            )
-        )  # fmt: skip
 
     def end_request(
         self,
