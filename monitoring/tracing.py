@@ -3,7 +3,7 @@
 Why not `tracer.start_span` per request: the SDK's `_Span` costs 25-30 µs to start and end
 here, and a request has four spans, which would cost more than the whole request does on
 a small model. Instead the event loop appends one compact record per request (ids, monotonic
-timestamps, attributes: about 0.5 µs; a CPU-lane request's is packed into one `bytes`, its
+timestamps, attributes: under 1 µs; a CPU-lane request's is packed into one `bytes`, its
 strings as a code and its ids drawn by the shipper) and the engine threads one per batch; a
 shipper thread turns them, every `flush_interval_s`, straight into what the exporter sends:
 JSON lines for the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
