@@ -7,7 +7,8 @@ timestamps, attributes: under 1 µs; a CPU-lane request's is packed into one `by
 strings as a code and its ids drawn by the shipper) and the engine threads one per batch; a
 shipper thread turns them, every `flush_interval_s`, straight into what the exporter sends:
 JSON lines for the local file, protobuf wire format for OTLP/gRPC (in requests of at most about
-`OTLP_PAYLOAD_BYTES`). It takes the records `SHIP_CHUNK` at a time and encodes the sampled
+`OTLP_PAYLOAD_BYTES`). It takes the records `SHIP_CHUNK` at a time (packed ones
+`_PACKED_CHUNK`) and encodes the sampled
 requests (gathered until there are `SHIP_CHUNK`) a request shape (method, model, status,
 which child spans...) at a time: a shape compiles once to a fixed-width row of bytes
 (`span_rows`), and the ids, times and request ids of all its requests are converted and
@@ -351,8 +352,12 @@ _P_REQUEST_ID: Final = 4
 """Its request id is the next one in `RequestTracer._request_ids`."""
 _MAX_CODES: Final = 4096
 """Distinct (method, model, version, lane, status) packed; past them, tuple records."""
-_PACKED_CHUNK: Final = 256
-"""Packed records the shipper takes at once (no Python work per record but a `popleft`)."""
+_PACKED_CHUNK: Final = 1024
+"""Packed records the shipper takes and encodes at once (no Python work per record but a
+`popleft`, so a chunk's cost is mostly numpy calls of fixed cost: a larger chunk than
+`SHIP_CHUNK` shares them among more requests; `RowLayout.fill` fills its rows a cache-sized
+block at a time). The GIL still changes hands around each numpy call: the event loop waited
+at most 0.2-0.4 ms for it during a flush of 2,000 (`python -m loadtests.shipping_stall`)."""
 _random: Final = random.random
 
 _Phase = tuple[str, int, int, bool, dict[str, str | int], str]

@@ -57,6 +57,13 @@ def test_a_percent_template_fills_as_the_format_does() -> None:
         text_bytes([r[3] for r in rows], 7),
     ]
     assert bytes(layout.fill(values)) == "".join(template % r + "\n" for r in rows).encode()
+    # Filled a block of rows at a time: the same bytes whatever the block.
+    many = [np.concatenate([v] * 5) for v in values]  # 10 rows
+    assert (
+        bytes(layout.fill(many, block=3))
+        == bytes(layout.fill(many, block=64))
+        == ("".join(template % r + "\n" for r in rows).encode() * 5)
+    )
 
 
 def test_a_struct_layout_fills_as_struct_packs() -> None:
