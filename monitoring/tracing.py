@@ -764,29 +764,17 @@ class RequestTracer:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
         straight to text, a chunk at a time (`_encode_columns`), with no `SpanData` in
         between; one write per chunk, whose first line carries the resource."""
-        for columns, example in self._drain_packed():
-            text, spans = self._request_lines(example(0), self._resource_json)
-            pieces: list[bytes | memoryview] = [text.encode() + b"\n"]
-            rest = [column[1:] for column in columns]
-
-            def after_first(i: int, first: Callable[[int], Any] = example) -> Any:
-                return first(i + 1)
-
-            for rows in self._encode_columns(rest, after_first, otlp=False):
-                pieces.append(rows.data)
-                spans += rows.spans
+        for columns, record_of in self._drain_packed():
+            pieces, spans = self._request_pieces(columns, record_of)
             self._count_export(exporter.write_pieces(pieces), spans)
         for requests, batches in self._drain_chunks():
-            pieces = []
-            spans = 0
+            pieces, spans = [], 0
             resource_json = self._resource_json
             if requests:
-                text, spans = self._request_lines(requests[0], resource_json)
-                pieces.append(text.encode() + b"\n")
+                pieces, spans = self._request_pieces(
+                    list(zip(*requests, strict=True)), requests.__getitem__
+                )
                 resource_json = "{}"
-                for rows in self._encode_requests(requests[1:], otlp=False):
-                    pieces.append(rows.data)
-                    spans += rows.spans
             for record in batches:
                 batch = self._batch_spans(record)
                 lines = [span_line(batch[0], resource_json), *map(span_line, batch[1:]), ""]
@@ -795,6 +783,19 @@ class RequestTracer:
                 spans += len(batch)
             if pieces:
                 self._count_export(exporter.write_pieces(pieces), spans)
+
+    def _request_pieces(
+        self, columns: Sequence[Any], record: Callable[[int], Any]
+    ) -> tuple[list[bytes | memoryview], int]:
+        """Requests given as `_encode_columns` takes them, as JSON lines to write (the
+        first carrying the resource), and their span count."""
+        text, spans = self._request_lines(record(0), self._resource_json)
+        pieces: list[bytes | memoryview] = [text.encode() + b"\n"]
+        rest = [column[1:] for column in columns]
+        for rows in self._encode_columns(rest, lambda i: record(i + 1), otlp=False):
+            pieces.append(rows.data)
+            spans += rows.spans
+        return pieces, spans
 
     def _ship_otlp(self, exporter: OtlpPayloadExporter) -> None:
         """`_ship` for OTLP with no SDK processor: request records go straight to encoded

@@ -596,13 +596,15 @@ def test_sampled_requests_are_encoded_a_full_chunk_at_a_time(
     from monitoring import tracing
 
     encoded: list[int] = []
-    encode = RequestTracer._encode_requests
+    encode = RequestTracer._encode_columns
 
-    def counting(self: RequestTracer, records: Sequence[Any], otlp: bool) -> Any:
-        encoded.append(len(records))
-        return encode(self, records, otlp)
+    def counting(
+        self: RequestTracer, columns: Sequence[Any], record: Callable[[int], Any], otlp: bool
+    ) -> Any:
+        encoded.append(len(columns[5]))  # requests (columns of their records)
+        return encode(self, columns, record, otlp)
 
-    monkeypatch.setattr(RequestTracer, "_encode_requests", counting)
+    monkeypatch.setattr(RequestTracer, "_encode_columns", counting)
     monkeypatch.setattr(tracing, "SHIP_CHUNK", 16)
     seen: list[int] = []
 
