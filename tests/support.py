@@ -1,4 +1,5 @@
-"""Test support: a real `batchwire serve` process on 127.0.0.1:0 (no protobuf imports)."""
+"""Test support: a real `batchwire serve` process on 127.0.0.1:0, or a traced in-process
+server (no protobuf imports at import time)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 120.0
@@ -79,3 +81,23 @@ def start_server(repository: Path, log_path: Path, *extra: str) -> ServerProcess
     return ServerProcess(
         process, port, log_path, int(metrics.rsplit(":", 1)[1]) if metrics else None
     )
+
+
+async def start_traced_mlp64(work: Path) -> tuple[Any, Path]:
+    """An in-process server (`server.app.start_server`, port 0, no metrics endpoint) of
+    mlp64 with a drift block (`mlp64_with_drift`, under `work`), tracing every request to
+    `work/spans.jsonl`: the running server (the caller stops it) and that file."""
+    from loadtests.monitoring_overhead import mlp64_with_drift
+    from monitoring.hub import MonitoringSettings
+    from monitoring.tracing import TracingSettings
+    from server.app import ServeSettings, start_server
+
+    repository, spans_file = work / "repo", work / "spans.jsonl"
+    mlp64_with_drift(repository, work / "inputs.json")
+    monitoring = MonitoringSettings(
+        metrics_port=None, tracing=TracingSettings(sampling_ratio=1.0, trace_file=spans_file)
+    )
+    server = await start_server(
+        ServeSettings(model_repository=repository, port=0, monitoring=monitoring)
+    )
+    return server, spans_file

@@ -12,29 +12,17 @@ import grpc
 import numpy as np
 import pytest
 
-from loadtests.monitoring_overhead import mlp64_with_drift
 from loadtests.monitoring_paired import MonitoringSwitch, Phase, measure_pairs, summarize, verdict
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
+from tests.support import start_traced_mlp64
 
 
 @pytest.mark.asyncio
 async def test_monitoring_sees_exactly_the_requests_served_while_it_is_switched_on(
     tmp_path: Path,
 ) -> None:
-    from monitoring.hub import MonitoringSettings
-    from monitoring.tracing import TracingSettings
-    from server.app import ServeSettings, start_server
-
-    repository, inputs = tmp_path / "repo", tmp_path / "inputs.json"
-    mlp64_with_drift(repository, inputs)
-    spans_file = tmp_path / "spans.jsonl"
-    monitoring = MonitoringSettings(
-        metrics_port=None, tracing=TracingSettings(sampling_ratio=1.0, trace_file=spans_file)
-    )
-    server = await start_server(
-        ServeSettings(model_repository=repository, port=0, monitoring=monitoring)
-    )
+    server, spans_file = await start_traced_mlp64(tmp_path)
     switch = MonitoringSwitch(server)
     (drift,) = server.monitoring.drift_monitors()
     served_on = 0

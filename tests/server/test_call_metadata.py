@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
-from loadtests.monitoring_overhead import mlp64_with_drift
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from server.servicer import CALL_METADATA, InferenceHandlers, call_metadata
+from tests.support import start_traced_mlp64
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 
@@ -23,10 +23,6 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 async def test_traced_calls_take_their_metadata_from_the_handler_lookup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from monitoring.hub import MonitoringSettings
-    from monitoring.tracing import TracingSettings
-    from server.app import ServeSettings, start_server
-
     looked_up: list[tuple[str, Any]] = []
     service = InferenceHandlers.service
 
@@ -43,15 +39,7 @@ async def test_traced_calls_take_their_metadata_from_the_handler_lookup(
         return handler
 
     monkeypatch.setattr(InferenceHandlers, "service", counting)
-    repository, inputs = tmp_path / "repo", tmp_path / "inputs.json"
-    mlp64_with_drift(repository, inputs)
-    spans_file = tmp_path / "spans.jsonl"
-    monitoring = MonitoringSettings(
-        metrics_port=None, tracing=TracingSettings(sampling_ratio=1.0, trace_file=spans_file)
-    )
-    server = await start_server(
-        ServeSettings(model_repository=repository, port=0, monitoring=monitoring)
-    )
+    server, spans_file = await start_traced_mlp64(tmp_path)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
