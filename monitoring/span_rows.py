@@ -26,9 +26,6 @@ import numpy as np
 TIME_DIGITS: Final = 19
 EPOCH_NS_RANGE: Final = (10**18, 10**19)
 
-_BYTE_HEX: Final = np.frombuffer(b"".join(b"%02x" % i for i in range(256)), np.uint16)
-"""Byte value -> its two lowercase hex digits (ASCII), as one uint16 (gathers of 2-byte
-items are several times faster than of `(256, 2)` rows)."""
 _FOUR_DIGITS: Final = np.frombuffer(b"".join(b"%04d" % i for i in range(10_000)), np.uint32)
 """0..9999 -> its four decimal digits (ASCII), as one uint32."""
 _TEN_THOUSAND: Final = np.uint64(10_000)
@@ -45,20 +42,66 @@ class RowLayout(NamedTuple):
     """uint8, the row with zeros in the holes."""
     holes: tuple[tuple[int, int], ...]
 
-    def fill(self, values: Sequence[np.ndarray], block: int = FILL_BLOCK) -> np.ndarray:
+    def fill(
+        self,
+        values: Sequence[np.ndarray],
+        block: int = FILL_BLOCK,
+        buffer: RowBuffer | None = None,
+    ) -> np.ndarray:
         """The `(n, row)` rows, one per row of the `values` (one `(n, width)` uint8 array
         per hole, in order); a bytes-like object (`bytes.join` and files take it as is).
+        In memory taken from `buffer` if given (see `RowBuffer`), else new.
 
         Filled `block` rows at a time: each hole's assignment walks the rows again, and a
         block of rows stays in the CPU's cache between them."""
         n = len(values[0])
-        rows = np.empty((n, len(self.template)), np.uint8)
+        width = len(self.template)
+        rows = np.empty((n, width), np.uint8) if buffer is None else buffer.take(n, width)
         for start in range(0, n, block):
             part = rows[start : start + block]
             part[:] = self.template
             for (offset, width), value in zip(self.holes, values, strict=True):
                 part[:, offset : offset + width] = value[start : start + block]
         return rows
+
+
+class RowBuffer:
+    """Memory that `RowLayout.fill` reuses from one shipment to the next.
+
+    A chunk's rows are a megabyte or so, and glibc serves an allocation that large with a
+    fresh `mmap` whenever it is at least as large as the last one freed: every page of
+    every chunk was then a page fault in the kernel (~0.3 a request, about a third of the
+    shipper's CPU time; BENCHMARKS.md, "Eighth session"). `take` hands out consecutive
+    regions of one array, `reset` starts over at its beginning; a region too large for
+    what is left gets a new, larger array (regions already handed out keep the old one
+    alive), so the array settles at what one chunk needs.
+    """
+
+    def __init__(self) -> None:
+        self._array = np.empty(0, np.uint8)
+        self._used = 0
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of the current array."""
+        return len(self._array)
+
+    def take(self, n: int, width: int) -> np.ndarray:
+        """An uninitialised `(n, width)` uint8 array that no region taken since the last
+        `reset` overlaps."""
+        size = n * width
+        if self._used + size > len(self._array):
+            # Large enough for all taken since the reset: the next time round, one array.
+            self._array = np.empty(max(2 * len(self._array), self._used + size), np.uint8)
+            self._used = 0
+        region = self._array[self._used : self._used + size].reshape(n, width)
+        self._used += size
+        return region
+
+    def reset(self) -> None:
+        """Hand the memory out again from the start. The caller must be done with every
+        region taken before (they will be overwritten)."""
+        self._used = 0
 
 
 def percent_layout(template: str, widths: Sequence[int], end: bytes = b"") -> RowLayout:
@@ -126,9 +169,18 @@ def le64(values: np.ndarray) -> np.ndarray:
 
 
 def hex_digits(raw: np.ndarray) -> np.ndarray:
-    """`(n, w)` bytes as `(n, 2w)` lowercase hex digits (ASCII), most significant first."""
-    digits: np.ndarray = _BYTE_HEX[raw].view(np.uint8)
-    return digits.reshape(len(raw), 2 * raw.shape[1])
+    """`(n, w)` bytes as `(n, 2w)` lowercase hex digits (ASCII), most significant first.
+
+    Arithmetic on one uint16 per byte (its high nibble in the low byte: little-endian
+    memory order), no table lookup: a gather costs tens of instructions an item, these
+    few vectorised passes a fraction of one."""
+    wide = raw.astype("<u2")
+    nibbles = (wide >> 4) | ((wide & 15) << 8)
+    # A nibble above 9 carries into bit 4 when 6 is added: those digits are 'a'-'f',
+    # 39 further on from '0' + nibble.
+    letters = ((nibbles + 0x0606) >> 4) & 0x0101
+    nibbles += 0x3030 + letters * 39
+    return nibbles.view(np.uint8).reshape(len(raw), 2 * raw.shape[1])
 
 
 def time_digits(values: np.ndarray) -> np.ndarray:

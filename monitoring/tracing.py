@@ -67,6 +67,7 @@ from batchwire.types import RequestTiming
 from monitoring import spans as S
 from monitoring.span_rows import (
     EPOCH_NS_RANGE,
+    RowBuffer,
     RowLayout,
     be64,
     hex_digits,
@@ -503,6 +504,8 @@ class RequestTracer:
         self._line_layouts: dict[tuple[object, ...], tuple[str, int]] = {}
         self._otlp_layouts: dict[tuple[object, ...], _OtlpLayout] = {}
         self._line_rows: dict[tuple[object, ...], tuple[RowLayout, int]] = {}
+        self._row_buffer = RowBuffer()
+        """The shipper's encoded rows (under the ship lock), reset at each chunk."""
         self._fast_processors = [p for p in self.processors if isinstance(p, RequestSpanProcessor)]
         self._generic_processors = [
             p for p in self.processors if not isinstance(p, RequestSpanProcessor)
@@ -764,10 +767,14 @@ class RequestTracer:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
         straight to text, a chunk at a time (`_encode_columns`), with no `SpanData` in
         between; one write per chunk, whose first line carries the resource."""
+        # NOTE: each chunk is written before the next is encoded: its rows' memory (the
+        # row buffer) is then free again.
         for columns, record_of in self._drain_packed():
+            self._row_buffer.reset()
             pieces, spans = self._request_pieces(columns, record_of)
             self._count_export(exporter.write_pieces(pieces), spans)
         for requests, batches in self._drain_chunks():
+            self._row_buffer.reset()
             pieces, spans = [], 0
             resource_json = self._resource_json
             if requests:
@@ -792,7 +799,10 @@ class RequestTracer:
         text, spans = self._request_lines(record(0), self._resource_json)
         pieces: list[bytes | memoryview] = [text.encode() + b"\n"]
         rest = [column[1:] for column in columns]
-        for rows in self._encode_columns(rest, lambda i: record(i + 1), otlp=False):
+        encoded = self._encode_columns(
+            rest, lambda i: record(i + 1), otlp=False, buffer=self._row_buffer
+        )
+        for rows in encoded:
             pieces.append(rows.data)
             spans += rows.spans
         return pieces, spans
@@ -800,7 +810,8 @@ class RequestTracer:
     def _ship_otlp(self, exporter: OtlpPayloadExporter) -> None:
         """`_ship` for OTLP with no SDK processor: request records go straight to encoded
         spans, a chunk at a time (`_encode_requests`), sent in payloads of at most about
-        `OTLP_PAYLOAD_BYTES` (a payload ends between two requests)."""
+        `OTLP_PAYLOAD_BYTES` (a payload ends between two requests, and at the end of a
+        chunk: the next chunk's rows reuse its memory)."""
         head = self._otlp_head
         if head is None:
             head = self._otlp_head = otlp_head(self.resource, self.scope)
@@ -822,15 +833,22 @@ class RequestTracer:
                         self._count_export(exporter.export_payload(payload, spans), spans)
                         entries.clear()
                         size = spans = 0
-        if entries:
-            self._count_export(exporter.export_payload(otlp_payload(head, entries), spans), spans)
+            if entries:
+                payload = otlp_payload(head, entries)
+                self._count_export(exporter.export_payload(payload, spans), spans)
+                entries.clear()
+                size = spans = 0
 
     def _otlp_groups(self) -> Iterator[list[_Rows]]:
-        """`_ship_otlp`'s encoded requests and batches, a chunk at a time."""
+        """`_ship_otlp`'s encoded requests and batches, a chunk at a time: a chunk's rows
+        are in the row buffer until the next chunk is asked for."""
+        buffer = self._row_buffer
         for columns, example in self._drain_packed():
-            yield self._encode_columns(columns, example, otlp=True)
+            buffer.reset()
+            yield self._encode_columns(columns, example, otlp=True, buffer=buffer)
         for requests, batches in self._drain_chunks():
-            encoded = self._encode_requests(requests, otlp=True)
+            buffer.reset()
+            encoded = self._encode_requests(requests, otlp=True, buffer=buffer)
             for record in batches:
                 batch = self._batch_spans(record)
                 data = b"".join(map(_span_bytes, batch))
@@ -981,7 +999,9 @@ class RequestTracer:
         for processor in self._fast_processors:
             processor.on_request_end(record[6], record[11], record[19] - record[12])
 
-    def _encode_requests(self, records: Sequence[Any], otlp: bool) -> list[_Rows]:
+    def _encode_requests(
+        self, records: Sequence[Any], otlp: bool, buffer: RowBuffer | None = None
+    ) -> list[_Rows]:
         """Sampled requests' spans, encoded a request shape at a time (`span_rows`): OTLP
         `ScopeSpans.spans` entries, or JSON lines (each ending in a newline, the resource
         `{}`). Groups come out in the order of their first request; within one, requests
@@ -990,14 +1010,20 @@ class RequestTracer:
         the two)."""
         if not records:
             return []
-        return self._encode_columns(list(zip(*records, strict=True)), records.__getitem__, otlp)
+        columns = list(zip(*records, strict=True))
+        return self._encode_columns(columns, records.__getitem__, otlp, buffer)
 
     def _encode_columns(
-        self, columns: Sequence[Any], record: Callable[[int], Any], otlp: bool
+        self,
+        columns: Sequence[Any],
+        record: Callable[[int], Any],
+        otlp: bool,
+        buffer: RowBuffer | None = None,
     ) -> list[_Rows]:
         """`_encode_requests` of requests given as the columns of their records (tuples
         per field, or arrays: times, span and parent ids; the trace ids as an `(n, 16)`
-        byte array or ints), `record(i)` giving the i-th record itself (one per group)."""
+        byte array or ints), `record(i)` giving the i-th record itself (one per group);
+        the rows in memory from `buffer` if given (`RowLayout.fill`)."""
         n = len(columns[5])
         if not n:
             return []
@@ -1086,7 +1112,8 @@ class RequestTracer:
             for p, (begin, end) in enumerate(pairs):
                 child = ids[:, first_child + 8 * scale * p : first_child + 8 * scale * (p + 1)]
                 values += (trace, child, span, at[begin], at[end])
-            data = memoryview(rows.fill(values).reshape(-1))  # type: ignore[arg-type]
+            filled = rows.fill(values, buffer=buffer)
+            data = memoryview(filled.reshape(-1))  # type: ignore[arg-type]
             out.append(_Rows(data, len(rows.template), spans_per_row))
         return out
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from monitoring.span_rows import (
     EPOCH_NS_RANGE,
+    RowBuffer,
     be64,
     hex_digits,
     int_bytes,
@@ -64,6 +65,41 @@ def test_a_percent_template_fills_as_the_format_does() -> None:
         == bytes(layout.fill(many, block=64))
         == ("".join(template % r + "\n" for r in rows).encode() * 5)
     )
+
+
+def test_a_row_buffer_hands_out_disjoint_regions_and_reuses_them_after_a_reset() -> None:
+    """Regions taken between resets never overlap; a region too large for what is left
+    gets a new array sized for all taken since the reset (earlier regions keep their
+    bytes); after a reset the same memory is handed out again; `fill` into it writes
+    what a fresh array would hold."""
+    buffer = RowBuffer()
+    first = buffer.take(3, 10)
+    first[:] = 1
+    second = buffer.take(4, 10)  # does not fit: a new array of 70 bytes
+    second[:] = 2
+    assert buffer.capacity == 70 and not np.shares_memory(first, second)
+    assert (first == 1).all() and (second == 2).all()
+    buffer.reset()
+    again = buffer.take(3, 10)
+    more = buffer.take(4, 10)  # fits now: the same array, no growth
+    assert buffer.capacity == 70 and np.shares_memory(again, second)
+    assert not np.shares_memory(again, more)
+    assert again.shape == (3, 10) and more.shape == (4, 10)
+    layout = percent_layout("<%s|%s>", [2, 3], end=b"\n")
+    values = [text_bytes(["ab", "cd"], 2), text_bytes(["xyz", "uvw"], 3)]
+    buffer.reset()
+    assert bytes(layout.fill(values, buffer=buffer)) == b"<ab|xyz>\n<cd|uvw>\n"
+
+
+@given(st.lists(st.binary(min_size=8, max_size=8), min_size=1, max_size=20))
+def test_hex_digits_are_bytes_hex(rows: list[bytes]) -> None:
+    raw = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), 8)
+    assert [bytes(row).decode() for row in hex_digits(raw)] == [r.hex() for r in rows]
+
+
+def test_hex_digits_of_every_byte_value() -> None:
+    raw = np.arange(256, dtype=np.uint8).reshape(32, 8)
+    assert b"".join(bytes(row) for row in hex_digits(raw)).decode() == bytes(range(256)).hex()
 
 
 def test_a_struct_layout_fills_as_struct_packs() -> None:

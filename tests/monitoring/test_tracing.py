@@ -599,10 +599,14 @@ def test_sampled_requests_are_encoded_a_full_chunk_at_a_time(
     encode = RequestTracer._encode_columns
 
     def counting(
-        self: RequestTracer, columns: Sequence[Any], record: Callable[[int], Any], otlp: bool
+        self: RequestTracer,
+        columns: Sequence[Any],
+        record: Callable[[int], Any],
+        otlp: bool,
+        buffer: Any = None,
     ) -> Any:
         encoded.append(len(columns[5]))  # requests (columns of their records)
-        return encode(self, columns, record, otlp)
+        return encode(self, columns, record, otlp, buffer)
 
     monkeypatch.setattr(RequestTracer, "_encode_columns", counting)
     monkeypatch.setattr(tracing, "SHIP_CHUNK", 16)
@@ -861,6 +865,63 @@ def test_packed_requests_encode_as_their_records_do(otlp: bool) -> None:
         assert record[3] == (int(PARENT_ID, 16) if parent else 0)
     assert len({r[2] for r in records}) == len(records)
     assert len({r[1] for r in records if not r[3]}) == len(records) // 2
+
+
+@pytest.mark.parametrize("otlp", [False, True])
+def test_chunks_reusing_the_row_buffer_each_reach_the_exporter_intact(
+    otlp: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk's rows are encoded into memory the next chunk reuses: each is written (the
+    file) or sent (OTLP, a payload ending with the chunk) before the next is encoded, so
+    every request arrives with its own times, once."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    from monitoring import tracing
+
+    monkeypatch.setattr(tracing, "_PACKED_CHUNK", 8)
+    exporter: Payloads | JsonLinesSpanExporter = (
+        Payloads() if otlp else JsonLinesSpanExporter(tmp_path / "spans.jsonl")
+    )
+    tracer = RequestTracer(TracingSettings(flush_interval_s=3600), exporter=exporter)
+    method = "inference.GRPCInferenceService/ModelInfer"
+    try:
+        for i in range(50):  # 7 chunks; request i starts at (i + 1) ms
+            start = (i + 1) * 1_000_000
+            tracer.record_request(None, method, "digits", "1", "cpu", 1, f"r{i:02d}", "OK",
+                                  start, start + 100, start + 100, start + 300, start + 300,
+                                  start + 400)  # fmt: skip
+        tracer.flush()
+    finally:
+        tracer.shutdown()
+    offset = tracer._offset_ns
+    if isinstance(exporter, Payloads):
+        assert len(exporter.payloads) == 7  # one per chunk
+        servers = [
+            (
+                {kv.key: kv.value.string_value for kv in span.attributes}[S.REQUEST_ID],
+                span.start_time_unix_nano - offset,
+                span.end_time_unix_nano - offset,
+            )
+            for payload, _ in exporter.payloads
+            for span in ExportTraceServiceRequest.FromString(payload)
+            .resource_spans[0]
+            .scope_spans[0]
+            .spans
+            if span.kind == span.SPAN_KIND_SERVER
+        ]
+    else:
+        lines = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
+        servers = [
+            (s["attributes"][S.REQUEST_ID], s["start_ns"] - offset, s["end_ns"] - offset)
+            for s in lines
+            if s["kind"] == "SERVER"
+        ]
+    assert servers == [
+        (f"r{i:02d}", (i + 1) * 1_000_000, (i + 1) * 1_000_000 + 400) for i in range(50)
+    ]
+    assert tracer.exported_spans == 50 * 4
 
 
 def span_dict(span: Any) -> dict[str, Any]:
