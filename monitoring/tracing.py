@@ -332,20 +332,28 @@ stops tracking such a tuple at its first pass, so the records waiting for the sh
 # status), samples, the trace id (high and low 64 bits) and the parent span id when it
 # continues a `traceparent` (else 0: the shipper draws the ids), then the monotonic times
 # start, decoded, compute start, compute end, encode start, end (0 = did not happen).
-_PACK: Final = struct.Struct("<BHIQQQqqqqqq").pack
+# NOTE: native byte order and alignment, and the 64-bit fields as C `long` where that is 64
+# bits: CPython 3.11 converts an int of more than 30 bits (a monotonic time) to `long` with
+# a short loop, but to `long long` (`q`, also `<q`) through its generic byte-array
+# routine: 250 -> 150 ns a pack (BENCHMARKS.md, "Eighth session").
+_PACK_STRUCT: Final = struct.Struct(
+    "@BxHILLLllllll" if struct.calcsize("@l") == 8 else "@BxHIQQQqqqqqq"
+)
+_PACK: Final = _PACK_STRUCT.pack
 _PACKED_FIELDS: Final = (
-    ("flags", "u1"), ("code", "<u2"), ("samples", "<u4"), ("trace_hi", "<u8"),
-    ("trace_lo", "<u8"), ("parent", "<u8"), ("start", "<i8"), ("decoded", "<i8"),
-    ("compute_start", "<i8"), ("compute_end", "<i8"), ("encode_start", "<i8"), ("end", "<i8"),
+    ("flags", "u1"), ("code", "=u2"), ("samples", "=u4"), ("trace_hi", "=u8"),
+    ("trace_lo", "=u8"), ("parent", "=u8"), ("start", "=i8"), ("decoded", "=i8"),
+    ("compute_start", "=i8"), ("compute_end", "=i8"), ("encode_start", "=i8"), ("end", "=i8"),
 )  # fmt: skip
 _PACKED_DTYPE: Final = np.dtype(
     {
         "names": [name for name, _ in _PACKED_FIELDS],
         "formats": [code for _, code in _PACKED_FIELDS],
-        "offsets": [0, 1, 3, 7, 15, 23, 31, 39, 47, 55, 63, 71],
-        "itemsize": 79,
+        "offsets": [0, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72],
+        "itemsize": 80,
     }
 )
+assert _PACK_STRUCT.size == _PACKED_DTYPE.itemsize
 _P_SAMPLED: Final = 1
 _P_PARENT: Final = 2
 """It continues an incoming `traceparent`: trace id and parent span id given."""
