@@ -31,8 +31,11 @@ _FOUR_DIGITS: Final = np.frombuffer(b"".join(b"%04d" % i for i in range(10_000))
 _TEN_THOUSAND: Final = np.uint64(10_000)
 _PLACEHOLDER: Final = re.compile(r"%(%|s|016x|d)")
 _TO_BYTES: Final[Any] = int.to_bytes
-#: Rows `RowLayout.fill` fills at a time (~330 KB of JSON lines: within a core's L2).
-FILL_BLOCK: Final = 256
+#: Rows `RowLayout.fill` fills at a time: a packed chunk in one go. (Blocks of 256 rows, in
+#: a core's L2, paid off while each chunk's rows were fresh memory; in a `RowBuffer`, and
+#: with a hole copied as one item a row, fewer and longer copies cost less: BENCHMARKS.md,
+#: "Eighth session".)
+FILL_BLOCK: Final = 1024
 
 
 class RowLayout(NamedTuple):
@@ -53,7 +56,9 @@ class RowLayout(NamedTuple):
         In memory taken from `buffer` if given (see `RowBuffer`), else new.
 
         Filled `block` rows at a time: each hole's assignment walks the rows again, and a
-        block of rows stays in the CPU's cache between them."""
+        block of rows may stay in the CPU's cache between them. A hole's `width` bytes of
+        a row are copied as one item (numpy's strided copy of `V<width>` items), not as a
+        run of `width` bytes set up per row."""
         n = len(values[0])
         width = len(self.template)
         rows = np.empty((n, width), np.uint8) if buffer is None else buffer.take(n, width)
@@ -61,7 +66,11 @@ class RowLayout(NamedTuple):
             part = rows[start : start + block]
             part[:] = self.template
             for (offset, width), value in zip(self.holes, values, strict=True):
-                part[:, offset : offset + width] = value[start : start + block]
+                hole, piece = part[:, offset : offset + width], value[start : start + block]
+                if width and piece.strides[1] == 1:
+                    hole.view(f"V{width}")[...] = piece.view(f"V{width}")
+                else:
+                    hole[...] = piece
         return rows
 
 

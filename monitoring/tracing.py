@@ -364,9 +364,10 @@ _MAX_CODES: Final = 4096
 _PACKED_CHUNK: Final = 1024
 """Packed records the shipper takes and encodes at once (no Python work per record but a
 `popleft`, so a chunk's cost is mostly numpy calls of fixed cost: a larger chunk than
-`SHIP_CHUNK` shares them among more requests; `RowLayout.fill` fills its rows a cache-sized
-block at a time). The GIL still changes hands around each numpy call: the event loop waited
-at most 0.2-0.4 ms for it during a flush of 2,000 (`python -m loadtests.shipping_stall`)."""
+`SHIP_CHUNK` shares them among more requests; the rows go to memory reused from chunk to
+chunk, `RowBuffer`). The GIL still changes hands around each numpy call: the event loop
+waited at most 0.2-0.4 ms for it during a flush of 2,000 (`python -m
+loadtests.shipping_stall`)."""
 _random: Final = random.random
 
 _Phase = tuple[str, int, int, bool, dict[str, str | int], str]
@@ -542,7 +543,8 @@ class RequestTracer:
         self._code_table = np.empty((0, 5), object)
         self._ratio = settings.sampling_ratio
         self._rng = np.random.default_rng()
-        """Draws the ids of packed records (the shipper's, under the ship lock)."""
+        """Draws the ids of packed records and of encoded child spans (the shipper's, under
+        the ship lock)."""
         self._max = settings.max_buffered
         self.dropped = 0
         """Records dropped because the shipper fell behind."""
@@ -1085,25 +1087,27 @@ class RequestTracer:
         scale = 1 if otlp else 2  # bytes per id byte: raw, or two hex digits
         out: list[_Rows] = []
         for key, code in groups.items():
-            index = np.arange(n) if code_array is None else np.flatnonzero(code_array == code)
-            rows, spans_per_row = self._row_layout(key, record(int(index[0])), otlp)
+            # The group's requests: all of them (no copies), or those of its code.
+            index = None if code_array is None else np.flatnonzero(code_array == code)
+            first = 0 if index is None else int(index[0])
+            rows, spans_per_row = self._row_layout(key, record(first), otlp)
             pairs = _PHASE_TIMES[key[6] & _SHAPE_BITS]
-            m, k = len(index), len(pairs)
+            m, k = (n if index is None else len(index)), len(pairs)
             # Ids: trace (16 bytes), span (8), parent (8, if any), the k children's (8 each).
-            id_parts = [traces[index], span_ids[index]]
+            id_parts = [traces, span_ids] if index is None else [traces[index], span_ids[index]]
             if key[7]:
-                id_parts.append(parent_ids[index])
+                id_parts.append(parent_ids if index is None else parent_ids[index])
             if k:
-                id_parts.append(
-                    int_bytes([random.getrandbits(64 * m * k)], 8 * m * k).reshape(m, 8 * k)
-                )
+                drawn = self._rng.integers(0, 1 << 64, m * k, np.uint64)
+                id_parts.append(drawn.view(np.uint8).reshape(m, 8 * k))
             ids = np.concatenate(id_parts, axis=1)
             if not otlp:
                 ids = hex_digits(ids)
             trace, span = ids[:, : 16 * scale], ids[:, 16 * scale : 24 * scale]
             # Times: each distinct one once (a CPU-lane request's 8 span times are 6).
             used = sorted({0, 7, *chain.from_iterable(pairs)})
-            encoded = (le64 if otlp else time_digits)(epoch_u64[np.ix_(used, index)].reshape(-1))
+            group_times = epoch_u64[used] if index is None else epoch_u64[np.ix_(used, index)]
+            encoded = (le64 if otlp else time_digits)(group_times.reshape(-1))
             at = {row: encoded[i * m : (i + 1) * m] for i, row in enumerate(used)}
             values = [trace, span]
             if key[7]:
@@ -1111,7 +1115,9 @@ class RequestTracer:
             values += (at[0], at[7])
             if key[8]:
                 assert request_ids is not None
-                chosen: list[Any] = [request_ids[i] for i in index.tolist()]
+                chosen: list[Any] = (
+                    request_ids if index is None else [request_ids[i] for i in index.tolist()]
+                )
                 if otlp:  # UTF-8 bytes
                     values.append(np.frombuffer(b"".join(chosen), np.uint8).reshape(m, key[8]))
                 else:  # JSON strings
