@@ -457,6 +457,16 @@ def _phase_times(record: _RequestRecord) -> tuple[int, list[int]]:
     return shape, times
 
 
+def _code_column(table: np.ndarray, codes: np.ndarray, field: int) -> list[Any]:
+    """One field of packed records' codes (`RequestTracer._codes_table`) as a list: the
+    same object `len(codes)` times when they share one code (the usual chunk: one model,
+    all OK), with no gather of Python objects."""
+    first = int(codes[0])
+    if (codes == first).all():
+        return [table[first, field]] * len(codes)
+    return table[codes, field].tolist()  # type: ignore[no-any-return]
+
+
 def _remember(cache: dict[Any, _V], key: Any, value: _V) -> _V:
     """`cache[key] = value`, starting the cache over once it holds `_ATTRIBUTE_CACHE_SIZE`
     entries (attribute sets and request shapes are few; a flood of distinct ones must not
@@ -889,8 +899,7 @@ class RequestTracer:
             table = self._codes_table()
             codes = rows["code"]
             if self._fast_processors and not general:
-                models = table[codes, 1].tolist()
-                statuses = table[codes, 4].tolist()
+                models, statuses = (_code_column(table, codes, i) for i in (1, 4))
                 durations = (rows["end"] - rows["start"]).tolist()
                 for processor in self._fast_processors:
                     processor.on_requests_end(models, statuses, durations)
@@ -938,8 +947,10 @@ class RequestTracer:
         span = self._rng.integers(0, 1 << 64, n, np.uint64)
         parent = rows["parent"]
         codes = rows["code"]
-        fields = [table[codes, i].tolist() for i in range(5)]
+        fields = [_code_column(table, codes, i) for i in range(5)]
         samples = rows["samples"].astype(np.int64)
+        first_samples = int(samples[0])
+        samples_list = [first_samples] * n if (samples == first_samples).all() else samples.tolist()
         compute_start = rows["compute_start"]
         times = [
             rows["start"], rows["decoded"], np.zeros(n, np.int64), compute_start,
@@ -948,7 +959,7 @@ class RequestTracer:
         ]  # fmt: skip
         traces = np.concatenate([be64(trace_hi), be64(trace_lo)], axis=1)
         columns: list[Any] = [
-            (), traces, span, parent, sampled, *fields[:4], samples.tolist(), request_ids,
+            (), traces, span, parent, sampled, *fields[:4], samples_list, request_ids,
             fields[4], *times,
         ]  # fmt: skip
 
@@ -1052,7 +1063,11 @@ class RequestTracer:
         shapes = np.where(decoded != 0, _DECODED, 0)
         queued_any = queued != 0
         shapes |= np.where(queued_any, np.where(compute_start != 0, _QUEUED, _QUEUE_LEFT), 0)
-        on_lane = np.fromiter(map("cpu".__eq__, columns[8]), bool, n)
+        lanes = columns[8]
+        if lanes.count(lanes[0]) == n:  # one lane (`count` compares by identity first)
+            on_lane = np.full(n, lanes[0] == "cpu")
+        else:
+            on_lane = np.fromiter(map("cpu".__eq__, lanes), bool, n)
         engine = ~queued_any & (compute_start != 0) & on_lane
         shapes |= np.where(engine, _ENGINE | (batch_samples << _SAMPLES_SHIFT), 0)
         shapes |= np.where(encode_start != 0, _ENCODED, 0)

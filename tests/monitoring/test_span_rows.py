@@ -32,6 +32,17 @@ def test_time_digits_are_the_decimal_text(values: list[int]) -> None:
     assert [bytes(row).decode() for row in digits] == [str(v) for v in values]
 
 
+@given(
+    st.integers(10**8, 10**9 - 1),
+    st.lists(st.integers(0, 10**10 - 1), min_size=1, max_size=20),
+)
+def test_time_digits_of_times_in_one_10_s_window(prefix: int, lows: list[int]) -> None:
+    """Times sharing their first 9 digits (the shortcut) and edge values of the rest."""
+    values = [prefix * 10**10 + low for low in [*lows, 0, 10**10 - 1, 99_999_999, 10**8]]
+    digits = time_digits(np.array(values, np.uint64))
+    assert [bytes(row).decode() for row in digits] == [str(v) for v in values]
+
+
 @given(st.lists(st.integers(0, (1 << 128) - 1), min_size=1, max_size=20))
 def test_ids_as_bytes_and_hex_are_pythons(values: list[int]) -> None:
     raw = int_bytes(values, 16)
