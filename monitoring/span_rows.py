@@ -82,8 +82,9 @@ class RowBuffer:
 
     A chunk's rows are a megabyte or so, and glibc serves an allocation that large with a
     fresh `mmap` whenever it is at least as large as the last one freed: every page of
-    every chunk was then a page fault in the kernel (~0.3 a request, about a third of the
-    shipper's CPU time; BENCHMARKS.md, "Eighth session"). `take` hands out consecutive
+    every chunk can then be a page fault in the kernel (in a backlog's flush ~0.3 a
+    request, about a third of the shipper's CPU time; BENCHMARKS.md, "Eighth session";
+    a server shipping every 200 ms hit this less often). `take` hands out consecutive
     regions of one array, `reset` starts over at its beginning; a region too large for
     what is left gets a new, larger array (regions already handed out keep the old one
     alive), so the array settles at what one chunk needs.
