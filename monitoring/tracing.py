@@ -467,6 +467,30 @@ def _code_column(table: np.ndarray, codes: np.ndarray, field: int) -> list[Any]:
     return table[codes, field].tolist()  # type: ignore[no-any-return]
 
 
+def _payload_pieces(
+    encoded: Sequence[_Rows],
+) -> Iterator[tuple[list[bytes | memoryview], int]]:
+    """One chunk's encoded rows cut into OTLP payloads of about `OTLP_PAYLOAD_BYTES`, a
+    group split at row (request) boundaries: each payload's span entries and span count,
+    the last with what is left of the chunk."""
+    entries: list[bytes | memoryview] = []
+    size = spans = 0
+    for rows in encoded:
+        start = 0
+        while start < len(rows.data):
+            take = max(1, (OTLP_PAYLOAD_BYTES - size) // rows.row_bytes) * rows.row_bytes
+            piece = rows.data[start : start + take]
+            start += len(piece)
+            entries.append(piece)
+            size += len(piece)
+            spans += len(piece) // rows.row_bytes * rows.spans_per_row
+            if size >= OTLP_PAYLOAD_BYTES:
+                yield entries, spans
+                entries, size, spans = [], 0, 0
+    if entries:
+        yield entries, spans
+
+
 def _remember(cache: dict[Any, _V], key: Any, value: _V) -> _V:
     """`cache[key] = value`, starting the cache over once it holds `_ATTRIBUTE_CACHE_SIZE`
     entries (attribute sets and request shapes are few; a flood of distinct ones must not
@@ -524,7 +548,7 @@ class RequestTracer:
         self._otlp_layouts: dict[tuple[object, ...], _OtlpLayout] = {}
         self._line_rows: dict[tuple[object, ...], tuple[RowLayout, int]] = {}
         self._row_buffer = RowBuffer()
-        """The shipper's encoded rows (under the ship lock), reset at each chunk."""
+        """The shipper's encoded rows (under the ship lock): one chunk's at a time."""
         self._fast_processors = [p for p in self.processors if isinstance(p, RequestSpanProcessor)]
         self._generic_processors = [
             p for p in self.processors if not isinstance(p, RequestSpanProcessor)
@@ -787,14 +811,11 @@ class RequestTracer:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
         straight to text, a chunk at a time (`_encode_columns`), with no `SpanData` in
         between; one write per chunk, whose first line carries the resource."""
-        # NOTE: each chunk is written before the next is encoded: its rows' memory (the
-        # row buffer) is then free again.
+        # NOTE: each chunk is written before the next is encoded (into the same row buffer).
         for columns, record_of in self._drain_packed():
-            self._row_buffer.reset()
             pieces, spans = self._request_pieces(columns, record_of)
             self._count_export(exporter.write_pieces(pieces), spans)
         for requests, batches in self._drain_chunks():
-            self._row_buffer.reset()
             pieces, spans = [], 0
             resource_json = self._resource_json
             if requests:
@@ -835,39 +856,18 @@ class RequestTracer:
         head = self._otlp_head
         if head is None:
             head = self._otlp_head = otlp_head(self.resource, self.scope)
-        entries: list[bytes | memoryview] = []
-        size = spans = 0
         for encoded in self._otlp_groups():
-            for rows in encoded:
-                # Split a group between payloads at row (request) boundaries.
-                start = 0
-                while start < len(rows.data):
-                    take = max(1, (OTLP_PAYLOAD_BYTES - size) // rows.row_bytes) * rows.row_bytes
-                    piece = rows.data[start : start + take]
-                    start += len(piece)
-                    entries.append(piece)
-                    size += len(piece)
-                    spans += len(piece) // rows.row_bytes * rows.spans_per_row
-                    if size >= OTLP_PAYLOAD_BYTES:
-                        payload = otlp_payload(head, entries)
-                        self._count_export(exporter.export_payload(payload, spans), spans)
-                        entries.clear()
-                        size = spans = 0
-            if entries:
+            for entries, spans in _payload_pieces(encoded):
                 payload = otlp_payload(head, entries)
                 self._count_export(exporter.export_payload(payload, spans), spans)
-                entries.clear()
-                size = spans = 0
 
     def _otlp_groups(self) -> Iterator[list[_Rows]]:
         """`_ship_otlp`'s encoded requests and batches, a chunk at a time: a chunk's rows
         are in the row buffer until the next chunk is asked for."""
         buffer = self._row_buffer
         for columns, example in self._drain_packed():
-            buffer.reset()
             yield self._encode_columns(columns, example, otlp=True, buffer=buffer)
         for requests, batches in self._drain_chunks():
-            buffer.reset()
             encoded = self._encode_requests(requests, otlp=True, buffer=buffer)
             for record in batches:
                 batch = self._batch_spans(record)
@@ -1044,7 +1044,10 @@ class RequestTracer:
         """`_encode_requests` of requests given as the columns of their records (tuples
         per field, or arrays: times, span and parent ids; the trace ids as an `(n, 16)`
         byte array or ints), `record(i)` giving the i-th record itself (one per group);
-        the rows in memory from `buffer` if given (`RowLayout.fill`)."""
+        the rows in memory from `buffer` if given (`RowLayout.fill`), which this call
+        reuses from its start: the rows of its previous call there are then overwritten."""
+        if buffer is not None:
+            buffer.reset()
         n = len(columns[5])
         if not n:
             return []
