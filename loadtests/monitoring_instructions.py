@@ -109,32 +109,39 @@ def dump_total(path: Path) -> int:
 
 
 class Callgrind:
-    """Zeroes and dumps the counters of this process, which runs under callgrind."""
+    """Zeroes and dumps the counters of this process, which runs under callgrind.
+
+    `control` and `dump_now` block (for a caller with nothing else to run); the async
+    methods run them in a thread, so that an event loop goes on serving meanwhile."""
 
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.pid = os.getpid()
 
-    def _control(self, *args: str) -> None:
+    def control(self, *args: str) -> None:
+        """`callgrind_control ARGS` on this process: `-i on` starts counting (the process
+        starts under `--instr-atstart=no`), `-z` zeroes."""
         subprocess.run(
             ["callgrind_control", *args, str(self.pid)], check=True, stdout=subprocess.DEVNULL
         )
 
-    async def instrument(self) -> None:
-        """Start counting (the process starts under `--instr-atstart=no`)."""
-        await asyncio.to_thread(self._control, "-i", "on")
-
-    async def zero(self) -> None:
-        await asyncio.to_thread(self._control, "-z")
-
-    async def dump(self) -> tuple[int, int]:
+    def dump_now(self) -> tuple[int, int]:
         """Dump the counters; what they counted since the last zero or dump, in all and in
         the main thread (`--separate-threads=yes`: one file per thread, `-01` the main)."""
         before = set(self.out_dir.iterdir())
-        await asyncio.to_thread(self._control, "-d")
+        self.control("-d")
         new = set(self.out_dir.iterdir()) - before
         main = [path for path in new if path.name.endswith("-01")]
         return sum(map(dump_total, new)), sum(map(dump_total, main))
+
+    async def instrument(self) -> None:
+        await asyncio.to_thread(self.control, "-i", "on")
+
+    async def zero(self) -> None:
+        await asyncio.to_thread(self.control, "-z")
+
+    async def dump(self) -> tuple[int, int]:
+        return await asyncio.to_thread(self.dump_now)
 
 
 async def _served_at_least(

@@ -55,13 +55,15 @@ def _tracer(exporter: str, work: Path) -> Any:
         def shutdown(self) -> None:
             pass
 
-    settings = TracingSettings(sampling_ratio=1.0, flush_interval_s=3600)
     if exporter == "file":
-        settings = TracingSettings(
-            sampling_ratio=1.0, flush_interval_s=3600, trace_file=work / "spans.jsonl"
+        return RequestTracer(
+            TracingSettings(
+                sampling_ratio=1.0, flush_interval_s=3600, trace_file=work / "spans.jsonl"
+            )
         )
-        return RequestTracer(settings)
-    return RequestTracer(settings, exporter=Dropped())
+    return RequestTracer(
+        TracingSettings(sampling_ratio=1.0, flush_interval_s=3600), exporter=Dropped()
+    )
 
 
 def record(tracer: Any, records: int) -> None:
@@ -138,28 +140,20 @@ def measure_instructions(exporter: str, records: int, work: Path) -> float:
 
 def child(exporter: str, records: int, work: Path, result: Path) -> None:
     """Under callgrind: count three flushes of `records` (after one uncounted)."""
-    from loadtests.monitoring_instructions import dump_total
+    from loadtests.monitoring_instructions import Callgrind
 
-    out_dir = work / f"callgrind-{exporter}"
-
-    def control(*args: str) -> None:
-        subprocess.run(
-            ["callgrind_control", *args, str(os.getpid())], check=True, stdout=subprocess.DEVNULL
-        )
-
+    callgrind = Callgrind(work / f"callgrind-{exporter}")
     tracer = _tracer(exporter, work / "child")
     try:
         record(tracer, records)
         tracer.flush()
-        control("-i", "on")
+        callgrind.control("-i", "on")
         counts = []
         for _ in range(3):
             record(tracer, records)
-            control("-z")
+            callgrind.control("-z")
             tracer.flush()
-            before = set(out_dir.iterdir())
-            control("-d")
-            counts.append(sum(map(dump_total, set(out_dir.iterdir()) - before)) / records)
+            counts.append(callgrind.dump_now()[0] / records)
     finally:
         tracer.shutdown()
     result.write_text(str(statistics.median(counts)))
