@@ -18,6 +18,13 @@ model's statistics counted during it over its length, and each pair gives one ra
   observers: the per-request work that `--no-monitoring` leaves out (SLO records, drift
   observations, trace records) for mlp64, whose requests all take the inline CPU lane
   (a batcher keeps the observer it was built with: batch spans would not switch off).
+- A drift monitor thins the CPU lane's requests it observes by a stride estimated once a
+  second from the requests it is shown (`DriftMonitor.lane_gap`): detached, it would take
+  the lane for a slower one and, attached again, observe one request in 1.7 where steady
+  traffic gives one in 10 (measured at ~10,000 infer/s): about a point of the default
+  setting's ratio (BENCHMARKS.md, "Tenth session") that monitoring in steady traffic does
+  not cost. The requests served while off are counted into that estimate
+  (`MonitoringSwitch.credit`, every 50 ms).
 - A traced phase ends only once its spans are shipped (`tracer.flush` in a worker thread
   while requests go on; the time it takes counts in the phase), so the shipping of a
   phase's spans is charged to that phase, and the next phase starts with nothing pending.
@@ -53,6 +60,9 @@ from loadtests.monitoring_overhead import TARGETS, mlp64_with_drift, write_resul
 from loadtests.perf_analyzer import DEFAULT_TOOL, ROOT, launch_module, perf_analyzer_command
 
 MODEL = "mlp64"
+#: How often a phase credits the requests served while off to the drift monitors' rate
+#: estimates (`MonitoringSwitch.credit`): well within their once-a-second estimate.
+CREDIT_EVERY_S = 0.05
 SETTINGS = ("metrics+slo+drift", "tracing 10% file", "tracing 100% file", "tracing 100% otlp")
 
 
@@ -85,11 +95,37 @@ class MonitoringSwitch:
         self.monitoring = server.monitoring
         self.models = list(server.runtime.loaded())
         self._observers = [model.observer for model in self.models]
+        self._lane_requests_off: list[int] | None = None
+        """Each version's CPU-lane requests at the last `credit` (None: switched on)."""
 
     def set(self, on: bool) -> None:
         self._servicer._monitoring = self.monitoring if on else None
         for model, observer in zip(self.models, self._observers, strict=True):
             model.observer = observer if on else None
+        # A drift monitor estimates its lane's request rate from the requests it is shown
+        # (`DriftMonitor.lane_gap`), once a second over the whole second: detached half the
+        # time, it would see half the rate or less, observe several times as many requests
+        # as in steady traffic while on (measured: one in 1.7 where one in 10 was meant),
+        # and charge that to the monitoring. `credit` counts the off phases' requests in.
+        if on:
+            self.credit()
+            self._lane_requests_off = None
+        elif self._lane_requests_off is None:
+            self._lane_requests_off = [_lane_requests(model) for model in self.models]
+
+    def credit(self) -> None:
+        """While switched off: count the CPU-lane requests served since the last call in
+        the drift monitors' rate estimates (`DriftMonitor.count_lane_requests`), as if they
+        had been shown them."""
+        then = self._lane_requests_off
+        if then is None:
+            return
+        now = [_lane_requests(model) for model in self.models]
+        for observer, served, before in zip(self._observers, now, then, strict=True):
+            drift = getattr(observer, "drift", None)
+            if drift is not None and served > before:
+                drift.count_lane_requests(served - before)
+        self._lane_requests_off = now
 
     def served(self) -> int:
         """Successful requests so far, over every loaded version."""
@@ -100,6 +136,11 @@ class MonitoringSwitch:
         tracer = self.monitoring.tracer if self.monitoring is not None else None
         if tracer is not None:
             await asyncio.to_thread(tracer.flush)
+
+
+def _lane_requests(model: Any) -> int:
+    """Requests a version's CPU lane has computed so far (0 without one)."""
+    return model.lane.requests_total if model.lane is not None else 0
 
 
 async def measure_pairs(
@@ -115,7 +156,12 @@ async def measure_pairs(
             switch.set(on)
             started, served = time.monotonic(), switch.served()
             loop_cpu, process_cpu = time.thread_time(), time.process_time()
-            await asyncio.sleep(phase_s)
+            # NOTE: woken every `CREDIT_EVERY_S` in both kinds of phase alike (`credit` does
+            # nothing while on), so that the wake-ups cost both the same.
+            end = started + phase_s
+            while (left := end - time.monotonic()) > 0:
+                await asyncio.sleep(min(left, CREDIT_EVERY_S))
+                switch.credit()
             if on:
                 switch.set(False)
                 await switch.settle()

@@ -451,6 +451,14 @@ class DriftMonitor:
         self._lane_requests += gap
         return gap
 
+    def count_lane_requests(self, requests: int) -> None:
+        """Count in the lane's rate (`lane_stride`'s next estimate) `requests` it served
+        without calling `lane_gap`: with its observer detached for a while, as
+        `loadtests.monitoring_paired` detaches it between phases. Otherwise the estimate
+        would take the lane for a slower one, and the lane, once attached again, would call
+        `observe` more often than the budget admits samples."""
+        self._lane_requests += requests
+
     def _update_lane_stride(self) -> None:
         """Re-estimate `lane_stride` from the lane's requests since the last estimate:
         about as many `observe` calls a second as the budget admits samples (every request

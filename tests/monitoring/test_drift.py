@@ -322,11 +322,12 @@ class Lane:
         self.monitor, self.clock, self.batch = monitor, clock, batch
         self.countdown = 1
 
-    def second(self, requests: int) -> int:
-        """`requests` spread over one second; how many were offered to `observe`."""
+    def second(self, requests: int, seconds: float = 1.0) -> int:
+        """`requests` spread over one second (or `seconds`); how many were offered to
+        `observe`."""
         offered = 0
         for _ in range(requests):
-            self.clock.now_s += 1 / requests
+            self.clock.now_s += seconds / requests
             self.countdown -= 1
             if self.countdown <= 0:
                 self.countdown = self.monitor.lane_gap()
@@ -375,6 +376,31 @@ def test_the_cpu_lane_offers_about_the_budgets_rate_of_requests(
     Lane(unbounded, clock, {"INPUT": x_test[:1]}).second(1000)
     unbounded.evaluate()
     assert unbounded.lane_stride == 1
+
+
+def test_requests_served_while_detached_count_in_the_lane_rate(
+    profile: ReferenceProfile, x_test: np.ndarray
+) -> None:
+    """A lane whose observer is detached half of each second (as the paired benchmark
+    switches monitoring) is taken for one of half its rate, unless the requests it served
+    meanwhile are counted in (`count_lane_requests`): then the stride is that of its whole
+    traffic."""
+    config = DriftConfig(window_samples=1000, min_samples=10, max_samples_per_s=100)
+    strides = {}
+    for counted_in in (False, True):
+        clock = FakeClock()
+        monitor = DriftMonitor("digits", "1", profile, config, clock=clock)
+        monitor.evaluate()
+        lane = Lane(monitor, clock, {"INPUT": x_test[:1]})
+        for _ in range(4):  # 1,000 requests a second, half of them shown
+            lane.second(500, seconds=0.5)
+            clock.now_s += 0.5
+            if counted_in:
+                monitor.count_lane_requests(500)
+            monitor.evaluate()
+        strides[counted_in] = monitor.lane_stride
+    assert 9 <= strides[True] <= 11
+    assert 4 <= strides[False] <= 6
 
 
 def test_variable_shapes_in_one_window_are_scored() -> None:
