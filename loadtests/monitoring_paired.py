@@ -102,16 +102,12 @@ class MonitoringSwitch:
         self._servicer._monitoring = self.monitoring if on else None
         for model, observer in zip(self.models, self._observers, strict=True):
             model.observer = observer if on else None
-        # A drift monitor estimates its lane's request rate from the requests it is shown
-        # (`DriftMonitor.lane_gap`), once a second over the whole second: detached half the
-        # time, it would see half the rate or less, observe several times as many requests
-        # as in steady traffic while on (measured: one in 1.7 where one in 10 was meant),
-        # and charge that to the monitoring. `credit` counts the off phases' requests in.
+        # Drift's stride estimate must see the off phases' requests too (module docstring).
         if on:
             self.credit()
             self._lane_requests_off = None
         elif self._lane_requests_off is None:
-            self._lane_requests_off = [_lane_requests(model) for model in self.models]
+            self._lane_requests_off = self._lane_counts()
 
     def credit(self) -> None:
         """While switched off: count the CPU-lane requests served since the last call in
@@ -120,12 +116,16 @@ class MonitoringSwitch:
         then = self._lane_requests_off
         if then is None:
             return
-        now = [_lane_requests(model) for model in self.models]
+        now = self._lane_counts()
         for observer, served, before in zip(self._observers, now, then, strict=True):
             drift = getattr(observer, "drift", None)
             if drift is not None and served > before:
                 drift.count_lane_requests(served - before)
         self._lane_requests_off = now
+
+    def _lane_counts(self) -> list[int]:
+        """Requests each version's CPU lane has computed so far (0 without one)."""
+        return [m.lane.requests_total if m.lane is not None else 0 for m in self.models]
 
     def served(self) -> int:
         """Successful requests so far, over every loaded version."""
@@ -136,11 +136,6 @@ class MonitoringSwitch:
         tracer = self.monitoring.tracer if self.monitoring is not None else None
         if tracer is not None:
             await asyncio.to_thread(tracer.flush)
-
-
-def _lane_requests(model: Any) -> int:
-    """Requests a version's CPU lane has computed so far (0 without one)."""
-    return model.lane.requests_total if model.lane is not None else 0
 
 
 async def measure_pairs(
