@@ -30,7 +30,12 @@ def monitoring_settings(args: argparse.Namespace) -> MonitoringSettings | None:
     if ratio is None:
         ratio = 1.0 if endpoint else 0.0
     tracing = (
-        TracingSettings(sampling_ratio=ratio, otlp_endpoint=endpoint, trace_file=args.trace_file)
+        TracingSettings(
+            sampling_ratio=ratio,
+            otlp_endpoint=endpoint,
+            trace_file=args.trace_file,
+            shipper=args.trace_shipper,
+        )  # fmt: skip
         if ratio > 0
         else None
     )
@@ -222,6 +227,16 @@ def _add_monitoring_arguments(serve: argparse.ArgumentParser) -> None:
         default=DEFAULT_TRACE_FILE,
         help=f"JSON-lines span file when no OTLP endpoint is set (default {DEFAULT_TRACE_FILE})",
     )
+    from monitoring.ship_process import SHIPPERS
+
+    group.add_argument(
+        "--trace-shipper",
+        choices=SHIPPERS,  # (a light import: no numpy)
+        default="process",
+        help="where spans are encoded and exported: a child process at the lowest CPU "
+        "priority (default; the event loop's GIL is not held for it) or a thread of the "
+        "server",
+    )
 
 
 def _monitoring_argv(args: argparse.Namespace) -> list[list[str]]:
@@ -242,6 +257,7 @@ def _monitoring_argv(args: argparse.Namespace) -> list[list[str]]:
             argv += ["--trace-sampling", str(args.trace_sampling)]
         if args.otlp_endpoint:
             argv += ["--otlp-endpoint", args.otlp_endpoint]
+        argv += ["--trace-shipper", args.trace_shipper]
         trace_file: Path = args.trace_file
         argv += ["--trace-file", str(trace_file.with_name(f"{trace_file.name}.w{i}"))]
         out.append(argv)

@@ -69,7 +69,8 @@ SETTINGS = ("metrics+slo+drift", "tracing 10% file", "tracing 100% file", "traci
 @dataclass(frozen=True)
 class Phase:
     """One phase: monitoring on or off, requests counted, seconds, and the CPU seconds of
-    the event-loop thread and of this whole process (the server) meanwhile."""
+    the event-loop thread and of the server (this whole process and its trace shipper
+    process) meanwhile."""
 
     on: bool
     requests: int
@@ -131,6 +132,12 @@ class MonitoringSwitch:
         """Successful requests so far, over every loaded version."""
         return sum(model.stats.success.count for model in self.models)
 
+    def process_cpu_s(self) -> float:
+        """CPU seconds of this process and of its trace shipper process, if any."""
+        tracer = self.monitoring.tracer if self.monitoring is not None else None
+        shipper = tracer.shipper_cpu_s() if tracer is not None else 0.0
+        return time.process_time() + shipper
+
     async def settle(self) -> None:
         """Ship what the last traced phase recorded (no-op without a tracer)."""
         tracer = self.monitoring.tracer if self.monitoring is not None else None
@@ -150,7 +157,7 @@ async def measure_pairs(
         for on in (True, False) if i % 2 == 0 else (False, True):
             switch.set(on)
             started, served = time.monotonic(), switch.served()
-            loop_cpu, process_cpu = time.thread_time(), time.process_time()
+            loop_cpu, process_cpu = time.thread_time(), switch.process_cpu_s()
             # NOTE: woken every `CREDIT_EVERY_S` in both kinds of phase alike (`credit` does
             # nothing while on), so that the wake-ups cost both the same.
             end = started + phase_s
@@ -162,7 +169,7 @@ async def measure_pairs(
                 await switch.settle()
             phases[on] = Phase(
                 on, switch.served() - served, time.monotonic() - started,
-                time.thread_time() - loop_cpu, time.process_time() - process_cpu,
+                time.thread_time() - loop_cpu, switch.process_cpu_s() - process_cpu,
             )  # fmt: skip
         out.append((phases[True], phases[False]))
     switch.set(False)

@@ -19,6 +19,14 @@ one `struct` pack 4.5 µs and building SDK `ReadableSpan`s and converting them 5
 span object; other SDK span processors and exporters still work, and get `ReadableSpan`s
 built for them, one record at a time.
 
+Where the encoding runs (`TracingSettings.shipper`): by default the shipper thread only takes
+the records, feeds the `RequestSpanProcessor`s and hands the sampled ones (packed rows,
+tuples) to a child process at the lowest CPU priority, `monitoring/ship_process.py`, which
+runs this same encoding and exporting (`export_packed`, `export_records`): encoding in the
+server's thread holds the GIL the event loop needs, about 3 points of mlp64's throughput at
+100% sampling (BENCHMARKS.md, "Eleventh session"). A tracer given its own exporter, or SDK
+span processors, encodes in its thread; so does one whose shipper process died (logged).
+
 Sampling: a request continuing an incoming W3C `traceparent` follows the parent's sampled
 flag; otherwise a trace-id ratio (like `TraceIdRatioBased`) decides. Every request still
 becomes a server span for the span processors (unsampled ones with the sampled flag off, as
@@ -38,7 +46,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -65,6 +73,7 @@ import batchwire
 from batching.batcher import ExecutedBatch
 from batchwire.types import RequestTiming
 from monitoring import spans as S
+from monitoring.ship_process import SHIPPERS, ShipperProcess, ShipperProcessError
 from monitoring.span_rows import (
     EPOCH_NS_RANGE,
     RowBuffer,
@@ -122,6 +131,12 @@ class TracingSettings:
     """Records waiting for the shipper beyond this are dropped (and counted)."""
     service_name: str | None = None
     """`service.name` resource attribute; None = $OTEL_SERVICE_NAME or `batchwire`."""
+    shipper: str = "process"
+    """Where spans are encoded and exported: `process` (a child process,
+    `monitoring/ship_process.py`: the server's shipper thread only hands the sampled
+    records over, and the encoding does not hold the event loop's GIL) or `thread` (the
+    shipper thread itself). A tracer given its own exporter or SDK span processors other
+    than `RequestSpanProcessor`s ships in its thread."""
 
 
 class TraceHandle:
@@ -526,8 +541,13 @@ class RequestTracer:
         settings: sampling and export settings.
         processors: SDK span processors that see every server span and every sampled
             child/batch span (`on_end` only), e.g. the SLO monitor's.
-        exporter: receives the sampled spans (None = build one from `settings`).
+        exporter: receives the sampled spans (None = build one from `settings`, in the
+            shipper process unless `settings.shipper` is `thread`).
         resource: the spans' resource (None = service name and version).
+        offset_ns: `monotonic_to_epoch_offset_ns()` to date spans with (None = read now;
+            the shipper process gets its server's).
+        ship_thread: start the shipper thread (False: the owner calls `flush`, or the
+            `export_*` methods as the shipper process does).
     """
 
     def __init__(
@@ -537,9 +557,13 @@ class RequestTracer:
         processors: Sequence[SpanProcessor] = (),
         exporter: SpanExporter | None = None,
         resource: Resource | None = None,
+        offset_ns: int | None = None,
+        ship_thread: bool = True,
     ) -> None:
         if not 0.0 <= settings.sampling_ratio <= 1.0:
             raise ValueError(f"sampling ratio {settings.sampling_ratio} is outside 0..1")
+        if settings.shipper not in SHIPPERS:
+            raise ValueError(f"shipper {settings.shipper!r} is not one of {SHIPPERS}")
         self.settings = settings
         self.processors = list(processors)
         self._attribute_cache: dict[tuple[object, ...], tuple[dict[str, str | int], str]] = {}
@@ -553,7 +577,6 @@ class RequestTracer:
         self._generic_processors = [
             p for p in self.processors if not isinstance(p, RequestSpanProcessor)
         ]
-        self.exporter = exporter if exporter is not None else build_exporter(settings)
         self.resource = resource or Resource.create(
             {
                 "service.name": settings.service_name
@@ -561,6 +584,21 @@ class RequestTracer:
                 "service.version": batchwire.__version__,
             }
         )
+        # NOTE: read once: spans of one server share one clock mapping, so a child never
+        # lands outside its parent because the two were shipped at different times.
+        self._offset_ns = monotonic_to_epoch_offset_ns() if offset_ns is None else offset_ns
+        self._child: ShipperProcess | None = None
+        """The shipper process (None: this process encodes and exports)."""
+        self._codes_sent = 0
+        """Packed records' codes the shipper process has been told."""
+        self.exporter: SpanExporter | None = exporter
+        """Where sampled spans go (None: the shipper process's, or not built yet)."""
+        if exporter is None:
+            if settings.shipper == "process" and not self._generic_processors:
+                check_destination(settings)
+                self._child = self._start_child()
+            if self._child is None:
+                self.exporter = build_exporter(settings)
         self._resource_json = _dumps(dict(self.resource.attributes))
         self._otlp_head: OtlpHead | None = None
         self.scope = InstrumentationScope(S.SCOPE, batchwire.__version__)
@@ -583,15 +621,36 @@ class RequestTracer:
         self.dropped = 0
         """Records dropped because the shipper fell behind."""
         self.exported_spans = 0
-        # NOTE: read once: spans of one server share one clock mapping, so a child never
-        # lands outside its parent because the two were shipped at different times.
-        self._offset_ns = monotonic_to_epoch_offset_ns()
         self._wake = threading.Event()
         self._ship_lock = threading.Lock()
         """Held while shipping: one shipment at a time (thread and `flush`)."""
         self._stopping = False
-        self._thread = threading.Thread(target=self._ship_loop, name="trace-shipper", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if ship_thread:
+            self._thread = threading.Thread(
+                target=self._ship_loop, name="trace-shipper", daemon=True
+            )
+            self._thread.start()
+
+    def _start_child(self) -> ShipperProcess | None:
+        """The shipper process, started; None (logged) when it cannot be."""
+        try:
+            return ShipperProcess.start(
+                self.settings, dict(self.resource.attributes), self.resource.schema_url,
+                self._offset_ns,
+            )  # fmt: skip
+        except (OSError, ShipperProcessError) as exc:
+            logger.error("cannot start the trace shipper process (%s): shipping in-process", exc)
+            return None
+
+    @property
+    def shipper_pid(self) -> int | None:
+        """The shipper process's PID (None: spans are encoded in this process)."""
+        return self._child.pid if self._child is not None else None
+
+    def shipper_cpu_s(self) -> float:
+        """CPU seconds the shipper process has used (0.0 without one)."""
+        return self._child.cpu_s() if self._child is not None else 0.0
 
     # ------------------------------------------------------------ hot path (event loop)
     def begin(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> TraceHandle:
@@ -741,12 +800,19 @@ class RequestTracer:
             self._ship()
 
     def shutdown(self) -> None:
-        """Ship what is left, stop the thread, shut the exporter and processors down."""
+        """Ship what is left, stop the thread (and the shipper process), shut the exporter
+        and processors down."""
         self._stopping = True
         self._wake.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.flush()
-        self.exporter.shutdown()
+        with self._ship_lock:
+            if self._child is not None:
+                self._child.close()
+                self._child = None
+        if self.exporter is not None:
+            self.exporter.shutdown()
         for processor in self.processors:
             processor.shutdown()
 
@@ -763,14 +829,19 @@ class RequestTracer:
         records = self._records
         if not records and not self._packed:
             return
+        if self._child is not None:
+            self._ship_to_child(self._child)
+            return
         exporter = self.exporter
+        if exporter is None:  # the shipper process is gone
+            exporter = self.exporter = build_exporter(self.settings)
         generic = self._generic_processors
         if not generic:
             if isinstance(exporter, JsonLinesSpanExporter):
-                self._ship_lines(exporter)
+                self._ship_lines(exporter, self._drain_packed(), self._drain_chunks())
                 return
             if isinstance(exporter, OtlpPayloadExporter):
-                self._ship_otlp(exporter)
+                self._ship_otlp(exporter, self._drain_packed(), self._drain_chunks())
                 return
         exported: list[SpanData] = []
         unpacked: list[Any] = self._packed_records()
@@ -807,15 +878,79 @@ class RequestTracer:
             )
         self._count_export(result, len(exported))
 
-    def _ship_lines(self, exporter: JsonLinesSpanExporter) -> None:
+    def _ship_to_child(self, child: ShipperProcess) -> None:
+        """`_ship` with a shipper process: every request reaches the fast processors
+        here; the sampled ones and the batches go to the child, which encodes and exports
+        them (`export_packed`, `export_records`); returns once it has."""
+        try:
+            for rows, request_ids, _ in self._drain_packed_rows():
+                fields = self._code_fields
+                known = len(fields)
+                if known > self._codes_sent:  # (the chunk's codes are all among them)
+                    child.send(("codes", fields[self._codes_sent : known]))
+                    self._codes_sent = known
+                child.send(("packed", rows.tobytes(), request_ids))
+            for requests, batches in self._drain_chunks():
+                if requests or batches:
+                    child.send(("records", requests, batches))
+            self.exported_spans += child.sync()
+        except ShipperProcessError as exc:
+            logger.error(
+                "%s: shipping in-process from now on (spans it had not exported are lost)",
+                exc,
+            )
+            child.kill()
+            self._child = None
+            self.exporter = build_exporter(self.settings)
+
+    # ------------------------------------------------------------ shipper process
+    def add_codes(self, fields: Sequence[tuple[str, str, str, str, str]]) -> None:
+        """The shipper process: the next packed records' codes (in order)."""
+        with self._code_lock:
+            for key in fields:
+                self._codes[key] = len(self._code_fields)
+                self._code_fields.append(key)
+
+    def export_packed(self, rows: bytes, request_ids: list[str]) -> None:
+        """The shipper process: export sampled packed records (`_drain_packed_rows`)."""
+        columns = self._packed_columns(
+            np.frombuffer(rows, _PACKED_DTYPE), request_ids, self._codes_table()
+        )
+        self._export_received([columns], [])
+
+    def export_records(self, requests: list[Any], batches: list[Any]) -> None:
+        """The shipper process: export sampled request records and batch records."""
+        self._export_received([], [(requests, batches)])
+
+    def _export_received(
+        self,
+        packed: list[tuple[list[Any], Callable[[int], Any]]],
+        chunks: list[tuple[list[Any], list[Any]]],
+    ) -> None:
+        exporter = self.exporter
+        with self._ship_lock:
+            if isinstance(exporter, JsonLinesSpanExporter):
+                self._ship_lines(exporter, packed, chunks)
+            elif isinstance(exporter, OtlpPayloadExporter):
+                self._ship_otlp(exporter, packed, chunks)
+            else:
+                raise TypeError(f"the shipper process cannot export to {exporter!r}")
+
+    def _ship_lines(
+        self,
+        exporter: JsonLinesSpanExporter,
+        packed: Iterable[tuple[list[Any], Callable[[int], Any]]],
+        chunks: Iterable[tuple[list[Any], list[Any]]],
+    ) -> None:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
         straight to text, a chunk at a time (`_encode_columns`), with no `SpanData` in
-        between; one write per chunk, whose first line carries the resource."""
+        between; one write per chunk, whose first line carries the resource. `packed`
+        and `chunks` as `_drain_packed` and `_drain_chunks` yield them."""
         # NOTE: each chunk is written before the next is encoded (into the same row buffer).
-        for columns, record_of in self._drain_packed():
+        for columns, record_of in packed:
             pieces, spans = self._request_pieces(columns, record_of)
             self._count_export(exporter.write_pieces(pieces), spans)
-        for requests, batches in self._drain_chunks():
+        for requests, batches in chunks:
             pieces, spans = [], 0
             resource_json = self._resource_json
             if requests:
@@ -848,26 +983,36 @@ class RequestTracer:
             spans += rows.spans
         return pieces, spans
 
-    def _ship_otlp(self, exporter: OtlpPayloadExporter) -> None:
+    def _ship_otlp(
+        self,
+        exporter: OtlpPayloadExporter,
+        packed: Iterable[tuple[list[Any], Callable[[int], Any]]],
+        chunks: Iterable[tuple[list[Any], list[Any]]],
+    ) -> None:
         """`_ship` for OTLP with no SDK processor: request records go straight to encoded
         spans, a chunk at a time (`_encode_requests`), sent in payloads of at most about
         `OTLP_PAYLOAD_BYTES` (a payload ends between two requests, and at the end of a
-        chunk: the next chunk's rows reuse its memory)."""
+        chunk: the next chunk's rows reuse its memory). `packed` and `chunks` as in
+        `_ship_lines`."""
         head = self._otlp_head
         if head is None:
             head = self._otlp_head = otlp_head(self.resource, self.scope)
-        for encoded in self._otlp_groups():
+        for encoded in self._otlp_groups(packed, chunks):
             for entries, spans in _payload_pieces(encoded):
                 payload = otlp_payload(head, entries)
                 self._count_export(exporter.export_payload(payload, spans), spans)
 
-    def _otlp_groups(self) -> Iterator[list[_Rows]]:
+    def _otlp_groups(
+        self,
+        packed: Iterable[tuple[list[Any], Callable[[int], Any]]],
+        chunks: Iterable[tuple[list[Any], list[Any]]],
+    ) -> Iterator[list[_Rows]]:
         """`_ship_otlp`'s encoded requests and batches, a chunk at a time: a chunk's rows
         are in the row buffer until the next chunk is asked for."""
         buffer = self._row_buffer
-        for columns, example in self._drain_packed():
+        for columns, example in packed:
             yield self._encode_columns(columns, example, otlp=True, buffer=buffer)
-        for requests, batches in self._drain_chunks():
+        for requests, batches in chunks:
             encoded = self._encode_requests(requests, otlp=True, buffer=buffer)
             for record in batches:
                 batch = self._batch_spans(record)
@@ -878,10 +1023,18 @@ class RequestTracer:
     def _drain_packed(
         self, general: bool = False
     ) -> Iterator[tuple[list[Any], Callable[[int], Any]]]:
+        """`_drain_packed_rows`, each chunk as `_packed_columns`."""
+        for rows, request_ids, table in self._drain_packed_rows(general):
+            yield self._packed_columns(rows, request_ids, table)
+
+    def _drain_packed_rows(
+        self, general: bool = False
+    ) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
         """Take every packed record so far, `_PACKED_CHUNK` at a time, handing the GIL
         over between chunks: each reaches the fast processors (in bulk); yields the
-        sampled ones as `_packed_columns`. `general`: all of them, and the caller feeds
-        the processors (`_ship`'s general path).
+        sampled ones (rows of `_PACKED_DTYPE`, their request ids, the codes' table).
+        `general`: all of them, and the caller feeds the processors (`_ship`'s general
+        path).
 
         NOTE: request ids are appended before their records, so the ids of the records
         taken are all there, first in line (others may follow: records not taken yet)."""
@@ -909,7 +1062,7 @@ class RequestTracer:
                 rows = rows[chosen]
                 request_ids = [request_ids[i] for i in chosen.tolist()]
             if len(rows):
-                yield self._packed_columns(rows, request_ids, table)
+                yield rows, request_ids, table
             if left > 0:
                 _hand_over_gil()
 
@@ -1744,14 +1897,32 @@ def _set_attributes(target: Any, attributes: Any) -> None:
             slot.string_value = str(value)
 
 
-def build_exporter(settings: TracingSettings) -> SpanExporter:
-    """OTLP/gRPC when an endpoint is configured (flag, or $OTEL_EXPORTER_OTLP_ENDPOINT /
-    $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), else the JSON-lines file."""
-    endpoint = (
+def otlp_endpoint(settings: TracingSettings) -> str | None:
+    """The OTLP/gRPC endpoint spans go to: the flag, else $OTEL_EXPORTER_OTLP_TRACES_ENDPOINT
+    or $OTEL_EXPORTER_OTLP_ENDPOINT; None = the JSON-lines file."""
+    return (
         settings.otlp_endpoint
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or None
     )
+
+
+def check_destination(settings: TracingSettings) -> None:
+    """Fail now, not in the shipper process, when the trace file cannot be opened.
+
+    Raises:
+        OSError: its folder cannot be made or the file cannot be opened for appending.
+    """
+    if otlp_endpoint(settings) is None:
+        settings.trace_file.parent.mkdir(parents=True, exist_ok=True)
+        settings.trace_file.open("ab").close()
+
+
+def build_exporter(settings: TracingSettings) -> SpanExporter:
+    """OTLP/gRPC when an endpoint is configured (`otlp_endpoint`), else the JSON-lines
+    file."""
+    endpoint = otlp_endpoint(settings)
     if endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
