@@ -279,9 +279,11 @@ def monitoring_settings(
     *,
     flush_interval_s: float = 0.2,
     evaluate_interval_s: float = 1.0,
+    shipper: str = "process",
 ) -> Any:
     """The `MonitoringSettings` of one of `SETTINGS` (trace files under `work`; the
-    shipper's and the evaluation thread's intervals as given)."""
+    shipper's and the evaluation thread's intervals and where spans are encoded as
+    given)."""
     from monitoring.hub import MonitoringSettings
     from monitoring.tracing import TracingSettings
 
@@ -294,7 +296,10 @@ def monitoring_settings(
     if name in where:
         ratio, destination = where[name]
         tracing = TracingSettings(
-            sampling_ratio=ratio, flush_interval_s=flush_interval_s, **destination
+            sampling_ratio=ratio,
+            flush_interval_s=flush_interval_s,
+            shipper=shipper,
+            **destination,
         )
     return MonitoringSettings(
         metrics_port=0, tracing=tracing, evaluate_interval_s=evaluate_interval_s

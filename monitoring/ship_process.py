@@ -1,15 +1,17 @@
 """The trace shipper's child process: encodes and exports spans beside the server.
 
-Why a process: turning records into JSON lines or OTLP protobuf takes the shipper a few
-µs of CPU a request, and a thread of the server's process does that holding the GIL, the
-same lock the event loop needs for every request; the loop then waits for it, and both
-threads hand it back and forth. At 100% sampling that cost mlp64 about 8% of its
-throughput at concurrency 32 on a 2-core box (BENCHMARKS.md, "Eleventh session"), where
-a shipper thread that only takes the records, feeds the SLO monitor and hands the sampled
-ones to another process cost about 1%. So the server's shipper thread does just that,
-and this process (`python -m monitoring.ship_process`, started by `RequestTracer`) does
-the encoding and the exporting, with its own `RequestTracer` (no thread: it ships each
-message as it arrives) built from the same settings, resource and clock offset.
+Why a process: turning records into JSON lines or OTLP protobuf (and writing them) takes a
+few µs of CPU a request, and a thread of the server's process does that holding the GIL,
+the same lock the event loop needs for every request; the loop then waits for it, and the
+two threads hand it back and forth. With the encoding in the server's thread, 100% tracing
+to the file cost mlp64 13% of its throughput at concurrency 32 on a 2-core box; with it
+here, 9.4%; a thread that hands the records to a process that throws them away, 4%
+(BENCHMARKS.md, "Eleventh session": what is left is the records on the event loop and
+this process's CPU on a box with no core to spare). So the server's shipper thread only
+takes the records, feeds the SLO monitor and hands the sampled ones over, and this process
+(`python -m monitoring.ship_process`, started by `RequestTracer`) encodes and exports
+them, with its own `RequestTracer` (no thread: it ships each message as it arrives) built
+from the same settings, resource and clock offset.
 
 Protocol: pickled tuples on the child's stdin, answers on its stdout.
 
