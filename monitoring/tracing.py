@@ -24,8 +24,9 @@ the records, feeds the `RequestSpanProcessor`s and hands the sampled ones (packe
 tuples) to a child process at the lowest CPU priority, `monitoring/ship_process.py`, which
 runs this same encoding and exporting (`export_packed`, `export_records`): encoding in the
 server's thread holds the GIL the event loop needs, about 3.5 more points of mlp64's
-throughput at 100% sampling (BENCHMARKS.md, "Eleventh session"). A tracer given its own exporter, or SDK
-span processors, encodes in its thread; so does one whose shipper process died (logged).
+throughput at 100% sampling (BENCHMARKS.md, "Eleventh session"). A tracer given its own
+exporter, or SDK span processors, encodes in its thread; so does one whose shipper process
+died (logged).
 
 Sampling: a request continuing an incoming W3C `traceparent` follows the parent's sampled
 flag; otherwise a trace-id ratio (like `TraceIdRatioBased`) decides. Every request still
