@@ -386,6 +386,10 @@ waited at most 0.2-0.4 ms for it during a flush of 2,000 (`python -m
 loadtests.shipping_stall`)."""
 _random: Final = random.random
 
+_PackedChunks = Iterable[tuple[list[Any], Callable[[int], Any]]]
+"""Sampled packed records a chunk at a time, as `_drain_packed` yields them."""
+_RecordChunks = Iterable[tuple[list[Any], list[Any]]]
+"""Sampled request records and batch records a chunk at a time (`_drain_chunks`)."""
 _Phase = tuple[str, int, int, bool, dict[str, str | int], str]
 """A request's child span: name, start, end (monotonic ns), error, attributes, their JSON."""
 _NO_ATTRIBUTES: Final[dict[str, str | int]] = {}
@@ -938,10 +942,7 @@ class RequestTracer:
                 raise TypeError(f"the shipper process cannot export to {exporter!r}")
 
     def _ship_lines(
-        self,
-        exporter: JsonLinesSpanExporter,
-        packed: Iterable[tuple[list[Any], Callable[[int], Any]]],
-        chunks: Iterable[tuple[list[Any], list[Any]]],
+        self, exporter: JsonLinesSpanExporter, packed: _PackedChunks, chunks: _RecordChunks
     ) -> None:
         """`_ship` for the JSON-lines file with no SDK processor: request records go
         straight to text, a chunk at a time (`_encode_columns`), with no `SpanData` in
@@ -985,10 +986,7 @@ class RequestTracer:
         return pieces, spans
 
     def _ship_otlp(
-        self,
-        exporter: OtlpPayloadExporter,
-        packed: Iterable[tuple[list[Any], Callable[[int], Any]]],
-        chunks: Iterable[tuple[list[Any], list[Any]]],
+        self, exporter: OtlpPayloadExporter, packed: _PackedChunks, chunks: _RecordChunks
     ) -> None:
         """`_ship` for OTLP with no SDK processor: request records go straight to encoded
         spans, a chunk at a time (`_encode_requests`), sent in payloads of at most about
@@ -1003,11 +1001,7 @@ class RequestTracer:
                 payload = otlp_payload(head, entries)
                 self._count_export(exporter.export_payload(payload, spans), spans)
 
-    def _otlp_groups(
-        self,
-        packed: Iterable[tuple[list[Any], Callable[[int], Any]]],
-        chunks: Iterable[tuple[list[Any], list[Any]]],
-    ) -> Iterator[list[_Rows]]:
+    def _otlp_groups(self, packed: _PackedChunks, chunks: _RecordChunks) -> Iterator[list[_Rows]]:
         """`_ship_otlp`'s encoded requests and batches, a chunk at a time: a chunk's rows
         are in the row buffer until the next chunk is asked for."""
         buffer = self._row_buffer
