@@ -5,7 +5,8 @@ few µs of CPU a request, and a thread of the server's process does that holding
 the same lock the event loop needs for every request; the loop then waits for it, and the
 two threads hand it back and forth. With the encoding in the server's thread, 100% tracing
 to the file cost mlp64 13% of its throughput at concurrency 32 on a 2-core box; with it
-here, 9.4%; a thread that hands the records to a process that throws them away, 4%
+here, 9% (8.7% over OTLP); a thread that hands the records to a process that throws them
+away, 4%
 (BENCHMARKS.md, "Eleventh session": what is left is the records on the event loop and
 this process's CPU on a box with no core to spare). So the server's shipper thread only
 takes the records, feeds the SLO monitor and hands the sampled ones over, and this process

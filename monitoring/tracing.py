@@ -23,7 +23,7 @@ Where the encoding runs (`TracingSettings.shipper`): by default the shipper thre
 the records, feeds the `RequestSpanProcessor`s and hands the sampled ones (packed rows,
 tuples) to a child process at the lowest CPU priority, `monitoring/ship_process.py`, which
 runs this same encoding and exporting (`export_packed`, `export_records`): encoding in the
-server's thread holds the GIL the event loop needs, about 3.5 more points of mlp64's
+server's thread holds the GIL the event loop needs, about 4 more points of mlp64's
 throughput at 100% sampling (BENCHMARKS.md, "Eleventh session"). A tracer given its own
 exporter, or SDK span processors, encodes in its thread; so does one whose shipper process
 died (logged).
