@@ -1664,7 +1664,11 @@ class JsonLinesSpanExporter(SpanDataExporter):
             self._file.flush()
             if self._file.tell() > self.max_bytes:
                 self._file.close()
-                self.path.replace(self.path.with_name(self.path.name + ".1"))
+                rotated = self.path.with_name(self.path.name + ".1")
+                # NOTE: not `replace`: renamed over another file, ext4 first writes this
+                # one's data out (auto_da_alloc): 100-130 ms at 256 MiB here, against 13.
+                rotated.unlink(missing_ok=True)
+                self.path.rename(rotated)
                 self._file = self.path.open("ab")
         return SpanExportResult.SUCCESS
 
