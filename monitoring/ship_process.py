@@ -6,13 +6,12 @@ the same lock the event loop needs for every request; the loop then waits for it
 two threads hand it back and forth. With the encoding in the server's thread, 100% tracing
 to the file cost mlp64 13% of its throughput at concurrency 32 on a 2-core box; with it
 here, 9% (8.7% over OTLP); a thread that hands the records to a process that throws them
-away, 4%
-(BENCHMARKS.md, "Eleventh session": what is left is the records on the event loop and
-this process's CPU on a box with no core to spare). So the server's shipper thread only
-takes the records, feeds the SLO monitor and hands the sampled ones over, and this process
-(`python -m monitoring.ship_process`, started by `RequestTracer`) encodes and exports
-them, with its own `RequestTracer` (no thread: it ships each message as it arrives) built
-from the same settings, resource and clock offset.
+away, 4% (BENCHMARKS.md, "Eleventh session": what is left is the records on the event
+loop and this process's CPU on a box with no core to spare). So the server's shipper
+thread only takes the records, feeds the SLO monitor and hands the sampled ones over, and
+this process (`python -m monitoring.ship_process`, started by `RequestTracer`) encodes and
+exports them, with its own `RequestTracer` (no thread: it ships each message as it
+arrives) built from the same settings, resource and clock offset.
 
 Protocol: pickled tuples on the child's stdin, answers on its stdout.
 
