@@ -29,11 +29,13 @@ exporter, or SDK span processors, encodes in its thread; so does one whose shipp
 died (logged).
 
 Sampling: a request continuing an incoming W3C `traceparent` follows the parent's sampled
-flag; otherwise a trace-id ratio (like `TraceIdRatioBased`) decides. Every request still
-becomes a server span for the span processors (unsampled ones with the sampled flag off, as
-`RECORD_ONLY` spans are), so the SLO monitor's span processor sees all traffic while the
-exporters see only the sampled share. Child, batch and engine spans exist only for sampled
-requests. See `monitoring/spans.py` for names and attributes.
+flag; otherwise a trace-id ratio (like `TraceIdRatioBased`) decides. Every request reaches
+the span processors, so the SLO monitor's sees all traffic while the exporters see only the
+sampled share: an unsampled one as its fields, handed by the front door to the
+`RequestSpanProcessor`s as it ends (no record), or, when SDK span processors are plugged
+in, as a server span with the sampled flag off (as `RECORD_ONLY` spans are) built from its
+record. Child, batch and engine spans exist only for sampled requests. See
+`monitoring/spans.py` for names and attributes.
 """
 
 from __future__ import annotations
@@ -243,7 +245,10 @@ class RequestSpanProcessor(SpanProcessor):
     """
 
     def on_request_end(self, model: str, status: str, duration_ns: int) -> None:
-        """One finished request: its model, gRPC status name and server-side duration."""
+        """One finished request: its model, gRPC status name and server-side duration.
+
+        NOTE: called for unsampled requests by whichever thread ends them (the event loop,
+        as they end): keep it cheap and thread-safe."""
         raise NotImplementedError
 
     def on_requests_end(
@@ -582,6 +587,10 @@ class RequestTracer:
         self._generic_processors = [
             p for p in self.processors if not isinstance(p, RequestSpanProcessor)
         ]
+        self._unsampled_direct = not self._generic_processors
+        """Unsampled requests skip the records: the front door hands their fields to the
+        `RequestSpanProcessor`s itself (at 10% sampling a record per request cost as
+        much as at 100%: BENCHMARKS.md, "Eleventh session")."""
         self.resource = resource or Resource.create(
             {
                 "service.name": settings.service_name
@@ -695,6 +704,12 @@ class RequestTracer:
         the sampling decision taken here (the same ratio `begin` applies to the trace id:
         its low 64 bits are below the ratio's bound exactly when sampled).
         """
+        parent = _parent(metadata) if metadata else None
+        sampled = _random() < self._ratio if parent is None else parent[2]
+        if not sampled and self._unsampled_direct:
+            for processor in self._fast_processors:
+                processor.on_request_end(model, status, end_ns - start_ns)
+            return
         packed = self._packed
         if len(packed) >= self._max:
             self.dropped += 1
@@ -713,13 +728,12 @@ class RequestTracer:
                     status, start_ns, decoded_ns, timing, encode_start_ns, end_ns,
                 )  # fmt: skip
                 return
-        parent = _parent(metadata) if metadata else None
+        flags = _P_SAMPLED if sampled else 0
         if parent is None:
-            flags = _P_SAMPLED if _random() < self._ratio else 0
             trace_hi = trace_lo = parent_id = 0
         else:
-            trace_id, parent_id, sampled = parent
-            flags = _P_PARENT | _P_SAMPLED if sampled else _P_PARENT
+            trace_id, parent_id, _ = parent
+            flags |= _P_PARENT
             trace_hi, trace_lo = trace_id >> 64, trace_id & _RATIO_MASK
         if request_id:
             flags |= _P_REQUEST_ID
@@ -760,7 +774,14 @@ class RequestTracer:
         encode_start_ns: int,
         end_ns: int,
     ) -> None:
-        """Record one finished request (monotonic times; 0 = that phase did not happen)."""
+        """Record one finished request (monotonic times; 0 = that phase did not happen).
+
+        An unsampled one, when no SDK span processor wants its span, only reaches the
+        `RequestSpanProcessor`s, here and now (`record_request` likewise)."""
+        if not handle.sampled and self._unsampled_direct:
+            for processor in self._fast_processors:
+                processor.on_request_end(model, status, end_ns - start_ns)
+            return
         if len(self._records) >= self._max:
             self.dropped += 1
             return

@@ -934,21 +934,26 @@ def span_dict(span: Any) -> dict[str, Any]:
     return fields
 
 
+@pytest.mark.parametrize("sdk_processor", [False, True])
 @pytest.mark.parametrize("ratio", [0.0, 0.3, 1.0])
-def test_packed_requests_are_sampled_as_their_trace_ids_say(ratio: float) -> None:
+def test_packed_requests_are_sampled_as_their_trace_ids_say(
+    ratio: float, sdk_processor: bool
+) -> None:
     """The lane decides sampling without a trace id; the shipper then draws one that
     `TraceIdRatioBased` would decide the same way (low 64 bits under the bound exactly
     when sampled), and only sampled requests are exported, while every request reaches
-    the fast span processors."""
+    the fast span processors: an unsampled one at once, with no record, unless an SDK
+    span processor wants its span."""
     seen: list[str] = []
 
     class Models(RequestSpanProcessor):
         def on_request_end(self, model: str, status: str, duration_ns: int) -> None:
             seen.append(model)
 
+    processors: list[SpanProcessor] = [Models(), *([Ended()] if sdk_processor else [])]
     tracer = RequestTracer(
         TracingSettings(sampling_ratio=ratio, flush_interval_s=3600),
-        processors=[Models()],
+        processors=processors,
         exporter=Payloads(),
     )
     bound = round(ratio * (1 << 64))
@@ -957,7 +962,8 @@ def test_packed_requests_are_sampled_as_their_trace_ids_say(ratio: float) -> Non
         for _ in range(2000):
             tracer.record_request(None, method, "digits", "1", "cpu", 1, "", "OK",
                                   1_000, 1_100, 1_200, 1_300, 1_400, 1_500)  # fmt: skip
-        records = tracer._packed_records()
+        records = tracer._packed_records()  # (the general path: no processor fed)
+        unrecorded = len(seen)
         for _ in range(2000):
             tracer.record_request(None, method, "digits", "1", "cpu", 1, "", "OK",
                                   1_000, 1_100, 1_200, 1_300, 1_400, 1_500)  # fmt: skip
@@ -966,9 +972,14 @@ def test_packed_requests_are_sampled_as_their_trace_ids_say(ratio: float) -> Non
         tracer.shutdown()
     sampled = [r[4] for r in records]
     assert all(((r[1] & ((1 << 64) - 1)) < bound) == r[4] for r in records)
-    assert abs(sum(sampled) / len(sampled) - ratio) < 0.05
-    assert seen == ["digits"] * 2000  # the second 2,000, through the fast path
-    assert tracer.exported_spans == pytest.approx(2000 * ratio * 4, rel=0.2, abs=0)
+    if sdk_processor:  # every request recorded
+        assert len(records) == 2000 and unrecorded == 0
+    else:  # only the sampled ones
+        assert all(sampled) and unrecorded == 2000 - len(records)
+    assert abs(sum(sampled) / 2000 - ratio) < 0.05
+    assert seen == ["digits"] * (unrecorded + 2000)  # and the second 2,000, all of them
+    if not sdk_processor:
+        assert tracer.exported_spans == pytest.approx(2000 * ratio * 4, rel=0.2, abs=0)
 
 
 def test_packed_records_past_the_code_table_become_tuple_records(
