@@ -718,6 +718,8 @@ class RequestTracer:
         if code is None:
             code = self._new_code((method, model, version, lane, status))
             if code is None:  # too many distinct ones: the tuple record (the general way)
+                # NOTE: `begin` draws the sampling decision again: past `_MAX_CODES` distinct
+                # keys, requests of a new key are sampled at about ratio² (rare; kept simple).
                 timing = RequestTiming(
                     compute_start_ns=compute_start_ns, compute_end_ns=compute_end_ns,
                     batch_samples=samples if compute_start_ns else 0,
