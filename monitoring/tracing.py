@@ -928,8 +928,7 @@ class RequestTracer:
                 exc,
             )
             child.kill()
-            self._child = None
-            self.exporter = build_exporter(self.settings)
+            self._child = None  # `_ship` builds the exporter the next time it has records
 
     # ------------------------------------------------------------ shipper process
     def add_codes(self, fields: Sequence[tuple[str, str, str, str, str]]) -> None:
