@@ -1,5 +1,19 @@
 """Names of batchwire's spans and span attributes: the contract between the tracer, the
-SLO span processor and `batchwire trace-report`."""
+SLO span processor and `batchwire trace-report`.
+
+The JSON-lines file (`--trace-file`) holds one span per line:
+
+    {"trace_id": "<32 hex>", "span_id": "<16 hex>", "parent_span_id": "<16 hex>" | null,
+     "name": ..., "kind": "SERVER" | "INTERNAL", "start_ns": <Unix ns>, "end_ns": <Unix ns>,
+     "status": "ERROR", "attributes": {...},
+     "links": [{"trace_id": ..., "span_id": ..., "attributes": {...}}, ...],
+     "resource": {...}}
+
+The fields up to `end_ns` are always there. The others are left out at their defaults, as
+protobuf's JSON mapping leaves them out: `status` (default `UNSET`), `attributes` (none),
+`links` (none), and `resource`, which the first line of each write carries and the others
+leave out (all the file's spans come from one resource).
+"""
 
 from __future__ import annotations
 

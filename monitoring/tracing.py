@@ -1401,18 +1401,20 @@ class RequestTracer:
             '{"trace_id":"%s","span_id":"%s","parent_span_id":'
             + ('"%016x"' if parent_id else "null")
             + f',"name":{_name_json(method).replace("%", "%%")},"kind":"SERVER",'
-            '"start_ns":%d,"end_ns":%d,'
-            f'"status":"{"ERROR" if status in SERVER_ERROR_CODES else "UNSET"}",'
-            f'"attributes":{attributes_json},"links":[],'
-            f'"resource":{resource_json.replace("%", "%%")}}}'
-        ]
+            '"start_ns":%d,"end_ns":%d'
+            + _optional_fields_json(
+                status in SERVER_ERROR_CODES, attributes_json,
+                resource_json=resource_json.replace("%", "%%"),
+            )
+            + "}"
+        ]  # fmt: skip
         for name, error, _, phase_json in self._phases(shape):
             lines.append(
                 '{"trace_id":"%s","span_id":"%016x","parent_span_id":"%s",'
                 f'"name":{_name_json(name).replace("%", "%%")},"kind":"INTERNAL",'
-                '"start_ns":%d,"end_ns":%d,'
-                f'"status":"{"ERROR" if error else "UNSET"}",'
-                f'"attributes":{phase_json.replace("%", "%%")},"links":[],"resource":{{}}}}'
+                '"start_ns":%d,"end_ns":%d'
+                + _optional_fields_json(error, phase_json.replace("%", "%%"))
+                + "}"
             )
         return _remember(self._line_layouts, key, ("\n".join(lines), len(lines)))
 
@@ -1618,6 +1620,23 @@ def _name_json(name: str) -> str:
     return encoded
 
 
+def _optional_fields_json(
+    error: bool, attributes_json: str, links_json: str = "[]", resource_json: str = "{}"
+) -> str:
+    """The end of a span line: the fields that are left out at their defaults (status
+    `UNSET`, no attributes, no links, no resource), each with its leading comma.
+
+    NOTE: the defaults are about 14% of a CPU-lane request's bytes (four spans); what a
+    file of spans costs is mostly the bytes written (BENCHMARKS.md, "Twelfth session").
+    """
+    return (
+        (',"status":"ERROR"' if error else "")
+        + (f',"attributes":{attributes_json}' if attributes_json != "{}" else "")
+        + (f',"links":{links_json}' if links_json != "[]" else "")
+        + (f',"resource":{resource_json}' if resource_json != "{}" else "")
+    )
+
+
 def span_line(span: SpanData, resource_json: str = "{}") -> str:
     """One span in batchwire's JSON-lines layout (see `monitoring/spans.py`), no newline."""
     parent_id = f'"{span.parent_span_id:016x}"' if span.parent_span_id else "null"
@@ -1633,14 +1652,15 @@ def span_line(span: SpanData, resource_json: str = "{}") -> str:
         else "[]"
     )
     attributes = span.attributes
+    attributes_json = span.attributes_json or (_dumps(attributes) if attributes else "{}")
     name = _name_json(span.name)
     return (
         f'{{"trace_id":"{span.trace_id:032x}","span_id":"{span.span_id:016x}",'
         f'"parent_span_id":{parent_id},"name":{name},'
         f'"kind":"{"SERVER" if span.server else "INTERNAL"}","start_ns":{span.start_ns},'
-        f'"end_ns":{span.end_ns},"status":"{"ERROR" if span.error else "UNSET"}",'
-        f'"attributes":{span.attributes_json or (_dumps(attributes) if attributes else "{}")},'
-        f'"links":{links_json},"resource":{resource_json}}}'
+        f'"end_ns":{span.end_ns}'
+        + _optional_fields_json(span.error, attributes_json, links_json, resource_json)
+        + "}"
     )
 
 

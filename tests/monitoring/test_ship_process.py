@@ -71,10 +71,10 @@ def shape(path: Path) -> list[tuple[Any, ...]]:
     for s in spans:
         parent = s["parent_span_id"]
         links = [(names.get(link["span_id"]), link["attributes"][S.REQUEST_SAMPLES])
-                 for link in s["links"]]  # fmt: skip
+                 for link in s.get("links", [])]  # fmt: skip
         out.append((
-            s["name"], s["kind"], s["status"], s["start_ns"], s["end_ns"],
-            json.dumps(s["attributes"], sort_keys=True),
+            s["name"], s["kind"], s.get("status", "UNSET"), s["start_ns"], s["end_ns"],
+            json.dumps(s.get("attributes", {}), sort_keys=True),
             s["trace_id"] if s["trace_id"] == TRACE_ID else "",
             parent if parent == PARENT_ID else names.get(parent), tuple(sorted(links)),
         ))  # fmt: skip

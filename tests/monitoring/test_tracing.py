@@ -407,6 +407,25 @@ def test_the_files_fast_path_writes_what_span_line_writes(
     assert [json.loads(line)["name"] for line in fast[0][0].splitlines()][0].endswith("ModelInfer")
 
 
+def test_span_lines_leave_out_fields_at_their_defaults() -> None:
+    """Status UNSET, no attributes, no links and no resource are not written; the
+    structural fields always are; set ones are written."""
+    plain = SpanData("decode", 1, 2, 3, False, False, 10, 20, False, True, {}, ())
+    line = json.loads(span_line(plain))
+    assert line == {"trace_id": f"{1:032x}", "span_id": f"{2:016x}",
+                    "parent_span_id": f"{3:016x}", "name": "decode", "kind": "INTERNAL",
+                    "start_ns": 10, "end_ns": 20}  # fmt: skip
+    full = plain._replace(parent_span_id=0, server=True, error=True, attributes={"a": 1},
+                          links=((4, 5, 6),))  # fmt: skip
+    line = json.loads(span_line(full, '{"service.name":"x"}'))
+    assert line["parent_span_id"] is None and line["kind"] == "SERVER"
+    assert line["status"] == "ERROR" and line["attributes"] == {"a": 1}
+    assert line["links"] == [
+        {"trace_id": f"{4:032x}", "span_id": f"{5:016x}", "attributes": {S.REQUEST_SAMPLES: 6}}
+    ]
+    assert line["resource"] == {"service.name": "x"}
+
+
 def _span_fields(span: object) -> tuple[object, ...]:
     from google.protobuf.json_format import MessageToDict
 
@@ -698,7 +717,7 @@ def test_a_backlog_is_written_to_the_file_in_bounded_pieces(
         assert text.endswith("\n")
         lines = [json.loads(line) for line in text.splitlines()]
         assert lines[0]["resource"]["service.name"]
-        assert all(line["resource"] == {} for line in lines[1:])
+        assert all("resource" not in line for line in lines[1:])
     spans = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
     assert len(spans) == 100 * 4 + 2 and tracer.exported_spans == len(spans)
     assert {s["span_id"] for s in spans if s["kind"] == "SERVER"} == {
