@@ -531,6 +531,12 @@ def monotonic_to_epoch_offset_ns() -> int:
     return time.time_ns() - time.monotonic_ns()
 
 
+_KEY: Final = operator.itemgetter(0)
+"""A metadata entry's key. NOTE: `"traceparent" in map(_KEY, metadata)` scans the
+metadata in C: `_parent` (a Python frame and loop) runs only when there is one to read;
+most calls carry none but a `user-agent` entry."""
+
+
 def _parent(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[int, int, bool] | None:
     """The trace id, span id and sampled flag of a valid incoming W3C `traceparent`."""
     for key, value in metadata:
@@ -628,6 +634,8 @@ class RequestTracer:
         self._code_lock = threading.Lock()
         self._code_table = np.empty((0, 5), object)
         self._ratio = settings.sampling_ratio
+        self._all_sampled = self._ratio >= 1.0
+        """Every request without a `traceparent` is sampled: no draw needed."""
         self._rng = np.random.default_rng()
         """Draws the ids of packed records and of encoded child spans (the shipper's, under
         the ship lock)."""
@@ -669,7 +677,7 @@ class RequestTracer:
     # ------------------------------------------------------------ hot path (event loop)
     def begin(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> TraceHandle:
         """Ids and the sampling decision for a new server span (continuing `traceparent`)."""
-        parent = _parent(metadata) if metadata else None
+        parent = _parent(metadata) if metadata and "traceparent" in map(_KEY, metadata) else None
         if parent is not None:
             return TraceHandle(parent[0], random.getrandbits(64), parent[1], parent[2])
         trace_id = random.getrandbits(128)
@@ -704,8 +712,8 @@ class RequestTracer:
         the sampling decision taken here (the same ratio `begin` applies to the trace id:
         its low 64 bits are below the ratio's bound exactly when sampled).
         """
-        parent = _parent(metadata) if metadata else None
-        sampled = _random() < self._ratio if parent is None else parent[2]
+        parent = _parent(metadata) if metadata and "traceparent" in map(_KEY, metadata) else None
+        sampled = (self._all_sampled or _random() < self._ratio) if parent is None else parent[2]
         if not sampled and self._unsampled_direct:
             for processor in self._fast_processors:
                 processor.on_request_end(model, status, end_ns - start_ns)

@@ -249,8 +249,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             else:
                 # The spans of a CPU-lane request: decode up to the lane call, encode after.
                 compute_start_ns, compute_end_ns = path.compute_start_ns, path.compute_end_ns
+                metadata = CALL_METADATA.get()  # NOTE: `call_metadata` inlined (a frame less)
                 tracer.record_request(
-                    call_metadata(context), method, path.name, path.version,
+                    context.invocation_metadata() if metadata is None else metadata,
+                    method, path.name, path.version,
                     "cpu", path.samples, request.id, status, start_ns,
                     compute_start_ns or end_ns, compute_start_ns, compute_end_ns,
                     compute_end_ns or end_ns, end_ns,
