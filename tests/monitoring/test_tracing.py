@@ -303,6 +303,56 @@ def test_json_lines_file_rotates(tmp_path: Path) -> None:
     assert path.stat().st_size <= 2_000 + 4_000  # at most one flush past the limit
 
 
+@pytest.mark.parametrize("sync_bytes", [1_000, None])
+def test_the_file_is_written_out_and_dropped_from_the_cache_every_sync_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_bytes: int | None
+) -> None:
+    """Each time `sync_bytes` more were written: one fdatasync, then the range written
+    since the last one dropped from the page cache; ranges follow each other, and a
+    rotated file starts again at 0. None: neither."""
+    from monitoring import tracing
+
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(tracing, "_FDATASYNC", lambda fd: calls.append(("sync", fd)))
+    monkeypatch.setattr(
+        tracing.os, "posix_fadvise", lambda fd, start, size, advice: calls.append(
+            ("drop", fd, start, size, advice))
+    )  # fmt: skip
+    monkeypatch.setattr(tracing, "_DROP_CACHE", 4)
+    path = tmp_path / "out.jsonl"
+    exporter = JsonLinesSpanExporter(path, max_bytes=5_000, sync_bytes=sync_bytes)
+    written = []
+    for i in range(40):
+        line = f'{{"n":{i},"pad":"{"x" * 300}"}}\n'.encode()
+        written.append(line)
+        exporter.write_pieces([line[:10], line[10:]])
+    exporter.shutdown()
+    text = path.with_name("out.jsonl.1").read_bytes() + path.read_bytes()
+    assert text == b"".join(written[-len(text.splitlines()) :])  # nothing lost or reordered
+    if sync_bytes is None:
+        assert calls == []
+        return
+    syncs = [c for c in calls if c[0] == "sync"]
+    drops = [c for c in calls if c[0] == "drop"]
+    assert len(syncs) == len(drops) > 4 and calls[::2] == syncs  # each sync, then its drop
+    position = 0
+    for _, _, start, size, advice in drops:
+        assert advice == 4 and size >= sync_bytes
+        assert start in (position, 0)  # where the last one ended, or a new file
+        position = start + size
+    assert any(start == 0 for _, _, start, _, _ in drops[1:])  # after the rotation
+
+
+def test_writing_out_works_on_this_os(tmp_path: Path) -> None:
+    """The real fdatasync and posix_fadvise calls, after every write."""
+    path = tmp_path / "out.jsonl"
+    exporter = JsonLinesSpanExporter(path, sync_bytes=1)
+    for i in range(3):
+        assert exporter.write(f'{{"n":{i}}}\n') is SpanExportResult.SUCCESS
+    exporter.shutdown()
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
 def test_a_request_dropped_in_the_queue_gets_a_queue_span_until_it_ended() -> None:
     tracer, exporter, _ = make_tracer()
     try:
