@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import numpy as np
@@ -44,7 +45,7 @@ class InlinePath:
 
     __slots__ = (
         "model", "name", "version", "_lane", "_inputs", "_outputs", "_max_samples", "_template",
-        "_answers", "compute_start_ns", "compute_end_ns", "samples",
+        "_answers", "compute_start_ns", "compute_end_ns", "samples", "slo_feed",
     )  # fmt: skip
 
     def __init__(self, model: ModelVersion) -> None:
@@ -57,6 +58,10 @@ class InlinePath:
         makes a new one at each read)."""
         self.version = str(model.version)
         """The version as the protocol spells it."""
+        self.slo_feed: Callable[[int], None] | None = None
+        """The SLO monitor's feed of this model's successful requests (`SloMonitor.ok_feeds`),
+        kept here by the servicer that monitors it: one slot read a request, not three
+        attribute reads and a lookup in a dict subclass."""
         self._lane = lane
         self._inputs = {
             spec.name: (np.dtype(NUMPY_DTYPES[spec.datatype]), spec.dims) for spec in model.inputs

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -301,3 +302,58 @@ async def test_fast_path_requests_are_traced_and_feed_the_slo(tmp_path: Path) ->
     for earlier, later in itertools.pairwise(spans):
         assert earlier["end_ns"] <= later["start_ns"]
     assert server["start_ns"] == spans[0]["start_ns"] and spans[-1]["end_ns"] == server["end_ns"]
+
+
+class AbortingContext(Context):
+    """Raises at `abort`, as grpc.aio does, keeping the status code."""
+
+    code: grpc.StatusCode | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code = code
+        raise grpc.aio.AbortError(details)
+
+
+@pytest.mark.asyncio
+async def test_fast_path_requests_feed_the_slo_without_tracing(tmp_path: Path) -> None:
+    """Tracing off: a success goes to the model's SLO feed (kept on its fast path), a
+    failure is recorded with its status, and a request the fast path steps aside from is
+    counted once, by the general path."""
+    from monitoring.hub import Monitoring, MonitoringSettings
+    from server.servicer import InferenceServicer
+
+    create_mlp64(tmp_path / "repo")
+    monitoring = Monitoring(MonitoringSettings(metrics_port=None))
+    served = ModelRuntime(
+        tmp_path / "repo", observer_factory=monitoring.observer_factory, on_load=monitoring.on_load
+    )
+    await served.start()
+    await monitoring.start(served)
+
+    def slis() -> tuple[int, int, int]:
+        state = monitoring.slo.snapshot()["mlp64"]["slis"]
+        availability, latency = state["availability"], state["latency"]
+        return availability["events"], availability["bad_events"], latency["events"]
+
+    try:
+        servicer = InferenceServicer(served, monitoring)
+        ok = request(np.ones((2, 64), np.float32))
+        await servicer.ModelInfer(ok, Context())
+        await servicer.ModelInfer(ok, Context())
+        assert slis() == (2, 0, 2)
+        path = servicer._inline_path(ok)
+        assert path is not None and path.slo_feed is monitoring.slo.ok_feeds["mlp64"]
+        # Too many samples for the lane: the general path serves and counts it.
+        big = request(np.ones((path._max_samples + 1, 64), np.float32))
+        assert path.infer(big) is None
+        await servicer.ModelInfer(big, Context())
+        assert slis() == (3, 0, 3)
+        served.get("mlp64").lane.engines[0] = FailingEngine()  # type: ignore[union-attr,call-overload]
+        context = AbortingContext()
+        with pytest.raises(grpc.aio.AbortError):
+            await servicer.ModelInfer(ok, context)
+        assert context.code == grpc.StatusCode.INTERNAL
+        assert slis() == (4, 1, 3)  # INTERNAL: against availability only
+    finally:
+        await monitoring.close()
+        await served.close()
