@@ -1686,7 +1686,7 @@ class JsonLinesSpanExporter(SpanDataExporter):
     dropped from the page cache: the writeback then runs in this process (the shipper
     process, at the lowest CPU priority) instead of in the kernel's flusher threads at
     normal priority, and a trace file, written once and read rarely, does not fill the
-    page cache. With it, 100% tracing to the file cost about two points less of mlp64's
+    page cache. With it, 100% tracing to the file cost about a point less of mlp64's
     throughput on this VM's ext4 (BENCHMARKS.md, "Twelfth session").
 
     Args:
