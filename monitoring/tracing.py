@@ -872,13 +872,8 @@ class RequestTracer:
         if exporter is None:  # the shipper process is gone
             exporter = self.exporter = build_exporter(self.settings)
         generic = self._generic_processors
-        if not generic:
-            if isinstance(exporter, JsonLinesSpanExporter):
-                self._ship_lines(exporter, self._drain_packed(), self._drain_chunks())
-                return
-            if isinstance(exporter, OtlpPayloadExporter):
-                self._ship_otlp(exporter, self._drain_packed(), self._drain_chunks())
-                return
+        if not generic and self._ship_encoded(exporter, self._drain_packed(), self._drain_chunks()):
+            return
         exported: list[SpanData] = []
         unpacked: list[Any] = self._packed_records()
         for i in range(len(unpacked) + len(records)):
@@ -962,14 +957,22 @@ class RequestTracer:
         packed: list[tuple[list[Any], Callable[[int], Any]]],
         chunks: list[tuple[list[Any], list[Any]]],
     ) -> None:
-        exporter = self.exporter
         with self._ship_lock:
-            if isinstance(exporter, JsonLinesSpanExporter):
-                self._ship_lines(exporter, packed, chunks)
-            elif isinstance(exporter, OtlpPayloadExporter):
-                self._ship_otlp(exporter, packed, chunks)
-            else:
-                raise TypeError(f"the shipper process cannot export to {exporter!r}")
+            if not self._ship_encoded(self.exporter, packed, chunks):
+                raise TypeError(f"the shipper process cannot export to {self.exporter!r}")
+
+    def _ship_encoded(
+        self, exporter: SpanExporter | None, packed: _PackedChunks, chunks: _RecordChunks
+    ) -> bool:
+        """Encode and export straight from the records (`_ship_lines`, `_ship_otlp`) when
+        the exporter is one of batchwire's own; False (nothing taken) otherwise."""
+        if isinstance(exporter, JsonLinesSpanExporter):
+            self._ship_lines(exporter, packed, chunks)
+            return True
+        if isinstance(exporter, OtlpPayloadExporter):
+            self._ship_otlp(exporter, packed, chunks)
+            return True
+        return False
 
     def _ship_lines(
         self, exporter: JsonLinesSpanExporter, packed: _PackedChunks, chunks: _RecordChunks

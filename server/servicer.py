@@ -280,13 +280,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """The spans of a CPU-lane request that failed: decode up to the lane call (0 =
         it failed before), encode after."""
         compute_start_ns, compute_end_ns = path.compute_start_ns, path.compute_end_ns
-        metadata = CALL_METADATA.get()
         tracer.record_request(
-            context.invocation_metadata() if metadata is None else metadata,
-            method, path.name, path.version,
-            "cpu", path.samples, request.id, status, start_ns,
-            compute_start_ns or end_ns, compute_start_ns, compute_end_ns,
-            compute_end_ns or end_ns, end_ns,
+            call_metadata(context), method, path.name, path.version, "cpu", path.samples,
+            request.id, status, start_ns, compute_start_ns or end_ns, compute_start_ns,
+            compute_end_ns, compute_end_ns or end_ns, end_ns,
         )  # fmt: skip
 
     async def ServerLive(
