@@ -212,12 +212,14 @@ class DriftConfig(BaseModel):
     """PSI above this fires the drift alert."""
     confidence_output: str | None = None
     """Output holding class probabilities; its top-class confidence is monitored too."""
-    max_samples_per_s: float = Field(default=1000.0, ge=0)
+    max_samples_per_s: float = Field(default=200.0, ge=0)
     """At most about this many samples a second join the window (whole requests or
     batches, taken while the budget lasts; 0 = every sample). Above that rate the window
-    spans `window_samples / max_samples_per_s` seconds or more instead of the last
-    fraction of a second. The CPU lane offers the monitor about one request in
-    `rate / max_samples_per_s` (re-estimated every evaluation); the others cost a counter
+    spans `window_samples / max_samples_per_s` seconds or more (10 s with the defaults)
+    instead of the last fraction of a second: a burst of odd inputs from one client
+    moves the scores without owning the window, and the monitoring costs the event loop
+    less. The CPU lane offers the monitor about one request in `rate /
+    max_samples_per_s` (re-estimated every evaluation); the others cost a counter
     decrement."""
 
 

@@ -21,7 +21,8 @@ model's statistics counted during it over its length, and each pair gives one ra
 - A drift monitor thins the CPU lane's requests it observes by a stride estimated once a
   second from the requests it is shown (`DriftMonitor.lane_gap`): detached, it would take
   the lane for a slower one and, attached again, observe one request in 1.7 where steady
-  traffic gives one in 10 (measured at ~10,000 infer/s): about a point of the default
+  traffic gave one in 10 (measured at ~10,000 infer/s with the then default budget of
+  1,000 samples a second; one in 50 with today's 200): about a point of the default
   setting's ratio (BENCHMARKS.md, "Tenth session") that monitoring in steady traffic does
   not cost. The requests served while off are counted into that estimate
   (`MonitoringSwitch.credit`, every 50 ms).

@@ -30,8 +30,11 @@ from monitoring.drift import (
 )
 from trainer.data import MAX_INTENSITY, load_digits_split
 
-#: A window of a few hundred samples, as a lightly loaded server would hold.
-CONFIG = DriftConfig(window_samples=300, min_samples=200, confidence_output="PROBABILITIES")
+#: A window of a few hundred samples, as a lightly loaded server would hold; every sample
+#: joins it (the tests feed in one go what such a server would see over seconds).
+CONFIG = DriftConfig(
+    window_samples=300, min_samples=200, confidence_output="PROBABILITIES", max_samples_per_s=0
+)
 DIGITS_GROUPS = {"INPUT", "INPUT:mean", "INPUT:center", "INPUT:border"}
 
 
@@ -225,7 +228,7 @@ def test_unread_observations_are_folded_into_the_window_as_they_come(
     profile: ReferenceProfile, x_test: np.ndarray
 ) -> None:
     """Nothing reads the window (no evaluation): what `observe` keeps stays bounded."""
-    config = DriftConfig(window_samples=100, min_samples=10)
+    config = DriftConfig(window_samples=100, min_samples=10, max_samples_per_s=0)  # take all
     monitor = DriftMonitor("digits", "1", profile, config)
     for row in range(350):
         monitor.observe({"INPUT": x_test[row : row + 1]}, {})

@@ -4,6 +4,7 @@ recovers; shifted inputs fire the drift alert; normal traffic fires nothing."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -22,6 +23,7 @@ from batchwire.config import (
     ModelConfig,
     SloConfig,
     TensorConfig,
+    load_model_config,
     write_model_config,
 )
 from protos import grpc_service_pb2 as pb
@@ -189,7 +191,17 @@ def test_slow_engine_fires_the_fast_burn_page_and_recovers(spin_server: ServerPr
 def digits_server(
     digits_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    server = start_server(digits_repository, tmp_path_factory.mktemp("drift") / "server.log")
+    """The trained digits served with every sample joining the drift window
+    (`max_samples_per_s: 0`): what the window holds is what the test sent, however fast it
+    sends (the sample budget is `tests/monitoring/test_drift.py`'s business)."""
+    work = tmp_path_factory.mktemp("drift")
+    repository = work / "repository"
+    shutil.copytree(digits_repository, repository)
+    config = load_model_config(repository / "digits")
+    assert config.drift is not None
+    drift = config.drift.model_copy(update={"max_samples_per_s": 0})
+    write_model_config(repository / "digits", config.model_copy(update={"drift": drift}))
+    server = start_server(repository, work / "server.log")
     try:
         yield server
     finally:
